@@ -96,12 +96,13 @@ class RotaryTable(nn.Module):
         t_pairs = head_dim // 2 - 2 * h_pairs
         self.pairs = (t_pairs, h_pairs, h_pairs)
         self.max_len = max_len
-        pos = torch.arange(max_len, dtype=torch.float32)
+        cpu = torch.device("cpu")  # real values even when the module is built on the meta device
+        pos = torch.arange(max_len, dtype=torch.float32, device=cpu)
         tables = []
         for pairs in self.pairs:
             dim = 2 * pairs
-            freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32)[:pairs] / dim))
-            tables.append(torch.polar(torch.ones(max_len, pairs), torch.outer(pos, freqs)))
+            freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=cpu)[:pairs] / dim))
+            tables.append(torch.polar(torch.ones(max_len, pairs, device=cpu), torch.outer(pos, freqs)))
         self.tables = tables  # three (max_len, pairs) complex64 tables
 
     def forward(self, frame_positions: torch.Tensor, height: int, width: int) -> torch.Tensor:
