@@ -33,6 +33,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     gdn_eps: float = 1e-8  # added to the GDN normaliser before dividing
     camera_math: str = "nvlabs"  # "nvlabs" (the released weights) or "diffusers" (bit-level diffusers 0.42.1 port)
+    softmax_bf16: bool = True  # cast softmax Q/K/V (and cached K/V) to bf16 before SDPA, as both references do
     first_chunk_frames: int = 4  # latent frames of chunk 0 in the chunk-causal and streaming modes
     chunk_frames: int = 3  # latent frames of every later chunk
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # unused diffusers keys, kept for saving

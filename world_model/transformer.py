@@ -21,7 +21,8 @@ cached chunk-by-chunk path runs the same code with the carry taken from a sessio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,9 @@ from .modules import (
 )
 from .ops.attention import reference_sdpa
 from .ops.gated_delta import frame_gated_delta_rule
+
+if TYPE_CHECKING:
+    from .state import SessionState
 
 MODES = ("bidirectional", "chunk_causal", "streaming")
 
@@ -301,6 +305,10 @@ def _last_frames(x: torch.Tensor, count: int) -> torch.Tensor:
 class SoftmaxMixer(_MixerBase):
     """Softmax attention with a UCPE camera branch (blocks 3, 7, 11, 15, 19 of the release)."""
 
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__(config)
+        self.low_precision = config.softmax_bf16
+
     def forward(self, x: torch.Tensor, layout: Layout, rope: torch.Tensor, cam: CameraContext, carry: SoftmaxCarry):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q = apply_rope(self.split_heads(self.q_norm(q)), rope)
@@ -315,14 +323,15 @@ class SoftmaxMixer(_MixerBase):
             main, camera, carry = self._windowed(layout, carry, q, q_hat, WindowKV(k, v, k_hat, v_hat))
         else:
             # Teacher and bidirectional: the whole sequence; the main branch keeps 1/sqrt(D).
-            main = reference_sdpa(q, k, v, pad_heads=False)
-            camera = reference_sdpa(q_hat, k_hat, v_hat, pad_heads=True)
+            main = reference_sdpa(q, k, v, pad_heads=False, low_precision=self.low_precision)
+            camera = reference_sdpa(q_hat, k_hat, v_hat, pad_heads=True, low_precision=self.low_precision)
         camera = apply_ucpe(camera.float(), cam.to_ray, cam.rope, inverse_rope=True)
         return self.finish(main, camera, x), carry
 
     def _windowed(self, layout: Layout, carry: SoftmaxCarry, q, q_hat, kv: WindowKV):
         """Each chunk attends to [sink chunk 0, previous chunk, itself], all at 1/sqrt(128)."""
-        kv = WindowKV(*(t.bfloat16() for t in (kv.k, kv.v, kv.k_cam, kv.v_cam)))  # the reference's SDPA dtype
+        if self.low_precision:  # cache in the reference's SDPA dtype
+            kv = WindowKV(*(t.bfloat16() for t in (kv.k, kv.v, kv.k_cam, kv.v_cam)))
         sink, prev = carry.sink, carry.prev
         tokens = layout.tokens_per_frame
         main, camera = [], []
@@ -330,8 +339,8 @@ class SoftmaxMixer(_MixerBase):
             sl = slice(start * tokens, end * tokens)
             current = kv.tokens(sl.start, sl.stop)
             window = WindowKV.cat([w for w in (sink, prev) if w is not None] + [current])
-            main.append(reference_sdpa(q[:, :, sl], window.k, window.v, pad_heads=True))
-            camera.append(reference_sdpa(q_hat[:, :, sl], window.k_cam, window.v_cam, pad_heads=True))
+            main.append(reference_sdpa(q[:, :, sl], window.k, window.v, pad_heads=True, low_precision=self.low_precision))
+            camera.append(reference_sdpa(q_hat[:, :, sl], window.k_cam, window.v_cam, pad_heads=True, low_precision=self.low_precision))
             sink, prev = (current, None) if sink is None else (sink, current)
         return torch.cat(main, dim=2), torch.cat(camera, dim=2), SoftmaxCarry(sink=sink, prev=prev)
 
@@ -432,21 +441,47 @@ class SanaWMTransformer(nn.Module):
         c2w: torch.Tensor,
         intrinsics: torch.Tensor,
         mode: str = "bidirectional",
+        *,
+        state: "SessionState | None" = None,
+        start_frame: int = 0,
+        write_state: bool = False,
     ) -> torch.Tensor:
-        """Velocity ``v = eps - x0`` ``(B, C, T, H, W)`` over a whole sequence of latent frames 0 .. T-1.
+        """Velocity ``v = eps - x0`` ``(B, C, T, H, W)``.
+
+        Without ``state``: a whole sequence of latent frames 0 .. T-1 in ``mode``. With ``state`` (streaming
+        only): one chunk holding latent frames ``start_frame .. start_frame+T-1`` of the session, continuing
+        from ``state``; ``write_state=True`` (the clean t = 0 pass) advances the state in place.
 
         ``c2w`` ``(B, F, 4, 4)`` OpenCV camera-to-world and ``intrinsics`` ``(B, F, 4)`` (fx, fy, cx, cy in
-        pixels of the ``32 H x 32 W`` video) per pixel frame, ``F >= 8 (T - 1) + 1``.
+        pixels of the ``32 H x 32 W`` video) per pixel frame from the session's frame 0, ``F >= 8 (s+T-1) + 1``.
         """
         self._check_latents(latents)
         frames, height, width = latents.shape[2:]
-        camera = camera_inputs(c2w, intrinsics, frames, (height, width))
-        layout = self.layout(mode, frames, (height, width))
-        velocity, _ = self.run(latents, timestep, text, text_mask, camera, layout)
+        if state is None:
+            camera = camera_inputs(c2w, intrinsics, frames, (height, width))
+            velocity, _ = self.run(latents, timestep, text, text_mask, camera, self.layout(mode, frames, (height, width)))
+            return velocity
+        if mode != "streaming":
+            raise ValueError(f"a session state is only used in streaming mode, not {mode!r}")
+        if start_frame != state.next_frame:
+            raise ValueError(f"this state continues at latent frame {state.next_frame}, not {start_frame}")
+        camera = camera_inputs(c2w, intrinsics, start_frame + frames, (height, width)).frames(start_frame, start_frame + frames)
+        layout = Layout("streaming", height, width, chunks=((0, frames),), first_frame=start_frame)
+        velocity, carries = self.run(latents, timestep, text, text_mask, camera, layout, state.carries)
+        if write_state:
+            state.carries = carries
+            state.next_frame = start_frame + frames
         return velocity
 
     def new_carries(self) -> list[BlockCarry]:
         return [block.new_carry() for block in self.blocks]
+
+    def new_state(self, batch_size: int = 1) -> "SessionState":
+        """An empty per-session state (its tensors appear with the first ``write_state=True`` call)."""
+        from .state import SessionState
+
+        del batch_size  # the batch size is fixed by the first chunk written
+        return SessionState(self.new_carries())
 
     def run(
         self,

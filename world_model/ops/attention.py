@@ -38,6 +38,8 @@ def reference_sdpa(
     dtype = q.dtype
     if low_precision and dtype == torch.float32:
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    else:
+        k, v = k.to(dtype), v.to(dtype)
     head_dim = q.shape[-1]
     width = padded_head_dim(head_dim) if pad_heads else head_dim
     if width != head_dim:

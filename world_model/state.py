@@ -1,0 +1,104 @@
+"""Per-session recurrent state of the streaming Stage-1 DiT (sana-wm.md B.5, as corrected by section L).
+
+Constant in session length. For a batch of B sessions and S tokens per latent frame:
+
+* every GDN block (``GDNCarry``): ``main`` (B, H, D, D) fp32 numerator state in [K, V] layout; ``norm``
+  (B, H, D, 1) fp32 normaliser state; ``camera`` (B, H, D, D) fp32 camera state; ``k_tail``
+  (B, 3, S, C) the last 3 raw K frames before the short conv (model dtype);
+* every softmax block (``SoftmaxCarry``): post-RoPE main K/V and post-UCPE camera K/V of the sink chunk 0
+  and of the previous chunk (None while the previous chunk is the sink), (B, H, n, D) bf16;
+* every block: ``ffn_tail`` (B, 1, S, C), the last frame before the FFN's temporal conv;
+* ``next_frame``: the absolute latent index of the next chunk's first frame.
+
+Serialisation (``to_bytes``/``from_bytes``, ``save``/``load``) is safetensors plus a JSON header, so a
+session can be suspended, moved and resumed bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .transformer import BlockCarry, GDNCarry, SoftmaxCarry, WindowKV
+
+_WINDOW_FIELDS = ("k", "v", "k_cam", "v_cam")
+
+
+class SessionState:
+    """Everything the DiT needs to continue a batch of sessions; advanced in place by ``write_state=True``."""
+
+    def __init__(self, carries: list[BlockCarry], next_frame: int = 0) -> None:
+        self.carries = carries
+        self.next_frame = next_frame
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat ``name -> tensor`` view, e.g. ``blocks.0.main``, ``blocks.3.sink.k``."""
+        out: dict[str, torch.Tensor] = {}
+        for i, carry in enumerate(self.carries):
+            prefix = f"blocks.{i}."
+            if carry.ffn_tail is not None:
+                out[prefix + "ffn_tail"] = carry.ffn_tail
+            mixer = carry.mixer
+            if isinstance(mixer, GDNCarry):
+                for f in fields(mixer):
+                    value = getattr(mixer, f.name)
+                    if value is not None:
+                        out[prefix + f.name] = value
+            else:
+                for slot in ("sink", "prev"):
+                    window = getattr(mixer, slot)
+                    if window is not None:
+                        for name in _WINDOW_FIELDS:
+                            out[f"{prefix}{slot}.{name}"] = getattr(window, name)
+        return out
+
+    def to_bytes(self) -> bytes:
+        kinds = ["softmax" if isinstance(c.mixer, SoftmaxCarry) else "gdn" for c in self.carries]
+        meta = {"next_frame": str(self.next_frame), "kinds": json.dumps(kinds)}
+        return st_save({k: v.contiguous().cpu() for k, v in self.tensors().items()}, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, device: str | torch.device = "cpu") -> "SessionState":
+        from safetensors import safe_open  # noqa: F401  (load() below validates the header)
+
+        tensors = st_load(data)
+        meta = _metadata(data)
+        carries = []
+        for i, kind in enumerate(json.loads(meta["kinds"])):
+            get = lambda name: _to(tensors.get(f"blocks.{i}.{name}"), device)
+            if kind == "gdn":
+                mixer = GDNCarry(**{f.name: get(f.name) for f in fields(GDNCarry)})
+            else:
+                windows = {}
+                for slot in ("sink", "prev"):
+                    parts = [get(f"{slot}.{n}") for n in _WINDOW_FIELDS]
+                    windows[slot] = WindowKV(*parts) if parts[0] is not None else None
+                mixer = SoftmaxCarry(**windows)
+            carries.append(BlockCarry(mixer=mixer, ffn_tail=get("ffn_tail")))
+        return cls(carries, next_frame=int(meta["next_frame"]))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SessionState":
+        return cls.from_bytes(Path(path).read_bytes(), device)
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__", {})
