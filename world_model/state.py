@@ -102,3 +102,31 @@ def _metadata(data: bytes) -> dict[str, str]:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     return header.get("__metadata__", {})
+
+
+def state_layout(config, latent_hw: tuple[int, int], dtype: torch.dtype = torch.bfloat16, batch: int = 1) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of a session state once the softmax window is full (after two chunks).
+
+    Derived from the config alone, so the full model's state size is known without building it.
+    """
+    s = latent_hw[0] * latent_hw[1]
+    c, h, d = config.hidden_size, config.heads, config.linear_head_dim
+    kv_dtype = torch.bfloat16 if config.softmax_bf16 else dtype
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for i in range(config.num_layers):
+        p = f"blocks.{i}."
+        out[p + "ffn_tail"] = ((batch, config.t_kernel_size // 2, s, c), dtype)
+        if config.is_softmax_block(i):
+            for slot, frames in (("sink", config.first_chunk_frames), ("prev", config.chunk_frames)):
+                for name in _WINDOW_FIELDS:
+                    out[f"{p}{slot}.{name}"] = ((batch, h, frames * s, d), kv_dtype)
+        else:
+            out[p + "main"] = ((batch, h, d, d), torch.float32)
+            out[p + "norm"] = ((batch, h, d, 1), torch.float32)
+            out[p + "camera"] = ((batch, h, d, d), torch.float32)
+            out[p + "k_tail"] = ((batch, config.conv_kernel_size - 1, s, c), dtype)
+    return out
+
+
+def layout_nbytes(layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    return sum(torch.Size(shape).numel() * torch.empty(0, dtype=dt).element_size() for shape, dt in layout.values())

@@ -186,3 +186,16 @@ def test_serialise_restore_continue_is_bit_exact(tmp_path):
     b = _run_chunks(model, restored, 3, 2, text, mask, c2w, intr, seed=4)
     assert torch.equal(a, b)
     assert all(torch.equal(x, y) for x, y in zip(state.tensors().values(), restored.tensors().values()))
+
+
+def test_state_layout_predicts_the_real_state():
+    model = _tiny()
+    c2w, intr, text, mask = _session_inputs(10)
+    state = model.new_state(1)
+    _run_chunks(model, state, 3, 0, text, mask, c2w, intr, seed=5)
+    from world_model.state import layout_nbytes, state_layout
+
+    expected = state_layout(model.config, (2, 3), torch.float32)
+    actual = {k: (tuple(v.shape), v.dtype) for k, v in state.tensors().items()}
+    assert actual == expected
+    assert layout_nbytes(expected) == state.nbytes
