@@ -41,7 +41,7 @@ def frame_gated_delta_rule(
 
     Returns:
         ``(o, final_state)``: ``o`` is ``(B, H, T, S, Dv)`` fp32; ``final_state`` ``(B, H, Dk, Dv)`` fp32
-        is the state after the last frame consumed (frame T-1 forwards, frame 1 for ``reverse``).
+        is the state after the last frame written (frame T-1 forwards, frame 0 for ``reverse``).
     """
     _check_shapes(q, k, v, beta, gamma, initial_state)
     if reverse and initial_state is not None:
