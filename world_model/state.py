@@ -68,8 +68,6 @@ class SessionState:
 
     @classmethod
     def from_bytes(cls, data: bytes, device: str | torch.device = "cpu") -> "SessionState":
-        from safetensors import safe_open  # noqa: F401  (load() below validates the header)
-
         tensors = st_load(data)
         meta = _metadata(data)
         carries = []

@@ -234,15 +234,8 @@ class GatedDeltaMixer(_MixerBase):
 
     def short_conv(self, conv: TemporalShortConv, raw: torch.Tensor, layout: Layout, tail: torch.Tensor | None, carry_across: bool):
         """The K short conv over the chunks of the call; returns ``(out (B, N, C), new tail)``."""
-        raw = _tokens_by_frame(raw, layout)
-        outs = []
-        for start, end in layout.chunks:
-            chunk = raw[:, start:end]
-            outs.append(conv(chunk, tail if carry_across else None))
-            if carry_across:
-                history = chunk if tail is None else torch.cat([tail.to(chunk.dtype), chunk], dim=1)
-                tail = _last_frames(history, conv.context)
-        return torch.cat(outs, dim=1).flatten(1, 2), tail
+        out, tail = _over_chunks(conv, _tokens_by_frame(raw, layout), layout, tail, conv.context, carry_across)
+        return out.flatten(1, 2), tail
 
     def forward(self, x: torch.Tensor, layout: Layout, rope: torch.Tensor, cam: CameraContext, carry: GDNCarry):
         new = GDNCarry()
@@ -293,6 +286,22 @@ def _bidirectional_scan(q, k, v, beta, decay, state):
     fwd, state = frame_gated_delta_rule(q, k, v, beta, decay, initial_state=state)
     bwd, _ = frame_gated_delta_rule(q, k, v, beta, decay, reverse=True)
     return fwd + bwd, state
+
+
+def _over_chunks(apply, x: torch.Tensor, layout: Layout, tail: torch.Tensor | None, context: int, carry_across: bool):
+    """``apply(chunk, left)`` on each chunk of ``x`` ``(B, T, S, C)``, threading the last ``context`` frames.
+
+    ``left`` is the tail of the frames before the chunk when context carries across chunks, else None
+    (the op then zero-pads). Returns the outputs joined over frames and the tail after the call.
+    """
+    outs = []
+    for start, end in layout.chunks:
+        chunk = x[:, start:end]
+        outs.append(apply(chunk, tail if carry_across else None))
+        if carry_across:
+            history = chunk if tail is None else torch.cat([tail.to(chunk.dtype), chunk], dim=1)
+            tail = _last_frames(history, context)
+    return torch.cat(outs, dim=1), tail
 
 
 def _last_frames(x: torch.Tensor, count: int) -> torch.Tensor:
@@ -391,14 +400,7 @@ class Block(nn.Module):
 
     def _ffn_temporal(self, y: torch.Tensor, layout: Layout, tail: torch.Tensor | None):
         carry_across = layout.mode != "bidirectional"
-        outs = []
-        for start, end in layout.chunks:
-            chunk = y[:, start:end]
-            outs.append(self.mlp.temporal(chunk, tail if carry_across else None))
-            if carry_across:
-                history = chunk if tail is None else torch.cat([tail.to(chunk.dtype), chunk], dim=1)
-                tail = _last_frames(history, self.mlp.context)
-        return torch.cat(outs, dim=1), tail
+        return _over_chunks(self.mlp.temporal, y, layout, tail, self.mlp.context, carry_across)
 
 
 class SanaWMTransformer(nn.Module):
