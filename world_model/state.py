@@ -61,18 +61,25 @@ class SessionState:
                             out[f"{prefix}{slot}.{name}"] = getattr(window, name)
         return out
 
+    def kinds(self) -> list[str]:
+        return ["softmax" if isinstance(c.mixer, SoftmaxCarry) else "gdn" for c in self.carries]
+
     def to_bytes(self) -> bytes:
-        kinds = ["softmax" if isinstance(c.mixer, SoftmaxCarry) else "gdn" for c in self.carries]
-        meta = {"next_frame": str(self.next_frame), "kinds": json.dumps(kinds)}
+        meta = {"next_frame": str(self.next_frame), "kinds": json.dumps(self.kinds())}
         return st_save({k: v.contiguous().cpu() for k, v in self.tensors().items()}, metadata=meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, device: str | torch.device = "cpu") -> "SessionState":
-        tensors = st_load(data)
         meta = _metadata(data)
+        tensors = {k: v.to(device) for k, v in st_load(data).items()}
+        return cls.from_tensors(tensors, json.loads(meta["kinds"]), int(meta["next_frame"]))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], kinds: list[str], next_frame: int) -> "SessionState":
+        """Inverse of ``tensors()``."""
         carries = []
-        for i, kind in enumerate(json.loads(meta["kinds"])):
-            get = lambda name: _to(tensors.get(f"blocks.{i}.{name}"), device)
+        for i, kind in enumerate(kinds):
+            get = lambda name: tensors.get(f"blocks.{i}.{name}")
             if kind == "gdn":
                 mixer = GDNCarry(**{f.name: get(f.name) for f in fields(GDNCarry)})
             else:
@@ -82,7 +89,28 @@ class SessionState:
                     windows[slot] = WindowKV(*parts) if parts[0] is not None else None
                 mixer = SoftmaxCarry(**windows)
             carries.append(BlockCarry(mixer=mixer, ffn_tail=get("ffn_tail")))
-        return cls(carries, next_frame=int(meta["next_frame"]))
+        return cls(carries, next_frame=next_frame)
+
+    @classmethod
+    def stack(cls, states: list["SessionState"]) -> "SessionState":
+        """One batched state of sessions at the same position (batch = the sessions in order)."""
+        first = states[0]
+        if any(s.next_frame != first.next_frame for s in states):
+            raise ValueError(f"sessions at different latent frames cannot share a forward: {[s.next_frame for s in states]}")
+        parts = [s.tensors() for s in states]
+        if any(p.keys() != parts[0].keys() for p in parts):
+            raise ValueError("sessions hold different state slots (one is at its first chunk)")
+        tensors = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+        return cls.from_tensors(tensors, first.kinds(), first.next_frame)
+
+    def split(self) -> list["SessionState"]:
+        """The per-session states of a batched state (views; ``clone`` them to keep them apart)."""
+        tensors = self.tensors()
+        batch = next(iter(tensors.values())).shape[0] if tensors else 1
+        return [
+            SessionState.from_tensors({k: v[i : i + 1] for k, v in tensors.items()}, self.kinds(), self.next_frame)
+            for i in range(batch)
+        ]
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.to_bytes())
@@ -90,10 +118,6 @@ class SessionState:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SessionState":
         return cls.from_bytes(Path(path).read_bytes(), device)
-
-
-def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
-    return None if t is None else t.to(device)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

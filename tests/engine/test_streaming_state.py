@@ -199,3 +199,47 @@ def test_state_layout_predicts_the_real_state():
     actual = {k: (tuple(v.shape), v.dtype) for k, v in state.tensors().items()}
     assert actual == expected
     assert layout_nbytes(expected) == state.nbytes
+
+
+def test_a_batch_of_three_sessions_equals_each_alone():
+    """Three sessions with their own history, prompt and camera in one forward equal the three run alone."""
+    model = _tiny()
+    sessions = []
+    for seed in range(3):
+        c2w, intr, text, mask = _session_inputs(4 + 3 * 3, seed=seed + 10)
+        state = model.new_state(1)
+        _run_chunks(model, state, 2, 0, text, mask, c2w, intr, seed=seed)
+        sessions.append((state, c2w, intr, text, mask))
+    start = sessions[0][0].next_frame
+    noise = torch.randn(3, 16, 3, 2, 3)
+    t = torch.full((3, 3), 889.0)
+    clones = _clone_sessions(sessions)
+    with torch.no_grad():
+        alone = [
+            model(noise[i : i + 1], t[i : i + 1], text, mask, c2w, intr, mode="streaming", state=state, start_frame=start, write_state=True)
+            for i, (state, c2w, intr, text, mask) in enumerate(clones)
+        ]
+        batched = SessionState.stack([s[0] for s in sessions])
+        cat = lambda j: torch.cat([s[j] for s in sessions])
+        together = model(noise, t, cat(3), cat(4), cat(1), cat(2), mode="streaming", state=batched, start_frame=start, write_state=True)
+    assert rel_err(together, torch.cat(alone)) < EQUIV_TOL
+    for one, (state, *_rest) in zip(batched.split(), clones):
+        ours, theirs = one.tensors(), state.tensors()
+        assert ours.keys() == theirs.keys()
+        for k in ours:  # fp32 states tight; bf16 softmax K/V may differ by a rounding
+            tol = 1e-2 if ours[k].dtype == torch.bfloat16 else EQUIV_TOL
+            assert rel_err(ours[k].float(), theirs[k].float()) < tol, k
+
+
+def _clone_sessions(sessions):
+    return [(SessionState.from_tensors({k: v.clone() for k, v in s.tensors().items()}, s.kinds(), s.next_frame), *rest) for s, *rest in sessions]
+
+
+def test_sessions_at_different_positions_do_not_stack():
+    model = _tiny()
+    c2w, intr, text, mask = _session_inputs(10)
+    a, b = model.new_state(1), model.new_state(1)
+    _run_chunks(model, a, 2, 0, text, mask, c2w, intr, seed=1)
+    _run_chunks(model, b, 1, 0, text, mask, c2w, intr, seed=1)
+    with pytest.raises(ValueError, match="different latent frames"):
+        SessionState.stack([a, b])
