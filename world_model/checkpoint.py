@@ -210,8 +210,6 @@ def load_transformer(
     folder, or an in-memory state dict in either naming. ``config``: diffusers config keys (read from the
     folder's ``config.json`` when not given, else inferred from the tensor shapes).
     """
-    from .transformer import SanaWMTransformer
-
     if isinstance(source, Mapping):
         raw, where = dict(source), "state dict"
     else:
@@ -220,20 +218,26 @@ def load_transformer(
         if config is None:
             config = read_config(path)
     state_dict = to_our_names(raw)
+    model = _checked_meta_model(state_dict, config, camera_math, where)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    target = dtype or _common_dtype(state_dict)
+    return model.to(device=device, dtype=target).eval()
+
+
+def _checked_meta_model(state_dict, config, camera_math: str, where: str):
+    """The DiT on the meta device for ``config`` (inferred from the shapes when None), after a strict key check."""
+    from .transformer import SanaWMTransformer
+
     if isinstance(config, TransformerConfig):
         cfg = dataclasses.replace(config, camera_math=camera_math)
     elif config is not None:
         cfg = TransformerConfig.from_diffusers(dict(config), camera_math=camera_math)
     else:
         cfg = infer_config(state_dict, camera_math=camera_math)
-
     with torch.device("meta"):
         model = SanaWMTransformer(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_dict(expected, state_dict, where)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    target = dtype or _common_dtype(state_dict)
-    return model.to(device=device, dtype=target).eval()
+    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, where)
+    return model
 
 
 def _common_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -276,16 +280,12 @@ _RELEASE_COMPONENTS = {
 
 def inspect_checkpoint(source: str | Path) -> CheckpointInfo:
     """Check that a folder holds a usable Stage-1 DiT (keys and shapes) and list what else it holds."""
-    from .transformer import SanaWMTransformer
 
     root = Path(source)
     dit = resolve_dit(root)
     raw = to_our_names(load_state_dict(dit))
-    config = read_config(dit)
-    cfg = TransformerConfig.from_diffusers(config) if config else infer_config(raw)
-    with torch.device("meta"):
-        model = SanaWMTransformer(cfg)
-    check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, raw, str(dit))
+    model = _checked_meta_model(raw, read_config(dit), "nvlabs", str(dit))
+    cfg = model.config
     release = _release_of(root, dit)
     components = {name: (root / name).exists() for name in _RELEASE_COMPONENTS.get(release, ())}
     return CheckpointInfo(
