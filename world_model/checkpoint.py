@@ -280,7 +280,6 @@ _RELEASE_COMPONENTS = {
 
 def inspect_checkpoint(source: str | Path) -> CheckpointInfo:
     """Check that a folder holds a usable Stage-1 DiT (keys and shapes) and list what else it holds."""
-
     root = Path(source)
     dit = resolve_dit(root)
     raw = to_our_names(load_state_dict(dit))
