@@ -74,18 +74,37 @@ def camera_inputs(
         )
     if num_pixel < needed:
         raise ValueError(f"{latent_frames} latent frames need {needed} camera poses; got {num_pixel}")
+    return chunk_camera_inputs(relative_poses(c2w[:, :needed].float()), intrinsics[:, :needed], 0, latent_frames, latent_hw)
+
+
+def chunk_pixel_span(first_latent: int, latent_frames: int) -> tuple[int, int]:
+    """``[start, end)`` of the pixel frames whose poses latents ``first_latent ..`` (``latent_frames`` of
+    them) read: latent k reads frames 8k-7 .. 8k (0 .. 7 for k = 0, clamped to the frames that exist)."""
+    return max(0, VAE_TIME_STRIDE * first_latent - (VAE_TIME_STRIDE - 1)), pixel_frames_for(first_latent + latent_frames)
+
+
+def chunk_camera_inputs(
+    poses: torch.Tensor, intrinsics: torch.Tensor, first_latent: int, latent_frames: int, latent_hw: tuple[int, int]
+) -> CameraInputs:
+    """Camera inputs of latents ``first_latent .. first_latent + latent_frames - 1`` from the poses of just
+    the pixel frames they read (``chunk_pixel_span``), already relative to the session's frame 0.
+
+    This is what a streaming session needs per chunk: nothing of its older poses.
+    """
+    start, end = chunk_pixel_span(first_latent, latent_frames)
+    batch = poses.shape[0]
+    if poses.shape[1:] != (end - start, 4, 4) or intrinsics.shape[1:] != (end - start, 4):
+        raise ValueError(f"latents {first_latent}+{latent_frames} need poses (B, {end - start}, 4, 4) and intrinsics (B, {end - start}, 4); got {tuple(poses.shape)} and {tuple(intrinsics.shape)}")
     height, width = latent_hw
-    c2w = c2w[:, :needed].float()
-    poses = relative_poses(c2w)
-    k_lat = intrinsics[:, :needed].float() / VAE_SPATIAL_STRIDE  # the latent grid is the pixel grid / 32
+    poses = poses.float()
+    k_lat = intrinsics.float() / VAE_SPATIAL_STRIDE  # the latent grid is the pixel grid / 32
 
-    key_frames = torch.arange(latent_frames, device=c2w.device) * VAE_TIME_STRIDE
-    raymap = torch.cat([poses[:, key_frames].flatten(2), k_lat[:, key_frames]], dim=-1)
+    key_frames = (torch.arange(latent_frames, device=poses.device) + first_latent) * VAE_TIME_STRIDE
+    local = key_frames - start
+    raymap = torch.cat([poses[:, local].flatten(2), k_lat[:, local]], dim=-1)
 
-    # Pixel frames feeding latent k: 8k-7 .. 8k, and 0 .. 7 for k = 0.
-    starts = (key_frames - (VAE_TIME_STRIDE - 1)).clamp(min=0)
-    window = starts[:, None] + torch.arange(VAE_TIME_STRIDE, device=c2w.device)  # (T, 8)
-    window = window.clamp(max=needed - 1)
+    first = (key_frames - (VAE_TIME_STRIDE - 1)).clamp(min=0) - start
+    window = (first[:, None] + torch.arange(VAE_TIME_STRIDE, device=poses.device)).clamp(max=end - start - 1)  # (T, 8)
     rays = plucker_rays(poses[:, window.flatten()], k_lat[:, window.flatten()], latent_hw)  # (B, T*8, H, W, 6)
     plucker = rays.reshape(batch, latent_frames, VAE_TIME_STRIDE, height, width, 6)
     plucker = plucker.permute(0, 2, 5, 1, 3, 4).reshape(batch, VAE_TIME_STRIDE * 6, latent_frames, height, width)

@@ -98,26 +98,40 @@ class RotaryTable(nn.Module):
         self.max_len = max_len
         cpu = torch.device("cpu")  # real values even when the module is built on the meta device
         pos = torch.arange(max_len, dtype=torch.float32, device=cpu)
-        tables = []
+        tables, self.freqs = [], []
         for pairs in self.pairs:
             dim = 2 * pairs
             freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=cpu)[:pairs] / dim))
+            self.freqs.append(freqs)
             tables.append(torch.polar(torch.ones(max_len, pairs, device=cpu), torch.outer(pos, freqs)))
         self.tables = tables  # three (max_len, pairs) complex64 tables
 
     def forward(self, frame_positions: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Rotations ``(N, D/2)`` complex for tokens ordered (frame, row, column)."""
-        if int(frame_positions.max()) >= self.max_len or max(height, width) > self.max_len:
-            raise ValueError(f"RoPE positions exceed the {self.max_len}-entry table; re-base the session's frames")
+        """Rotations for tokens ordered (frame, row, column).
+
+        ``frame_positions`` ``(T,)`` gives ``(N, D/2)`` complex; ``(B, T)`` (sessions at different frames in
+        one batch) gives ``(B, 1, N, D/2)``, which broadcasts over heads in :func:`apply_rope`.
+        """
+        if int(frame_positions.max()) >= self.max_len or int(frame_positions.min()) < 0 or max(height, width) > self.max_len:
+            raise ValueError(f"RoPE positions outside the {self.max_len}-entry table; re-base the session's frames")
         device = frame_positions.device
         t_tab, h_tab, w_tab = (tab.to(device) for tab in self.tables)
-        frames = frame_positions.numel()
+        lead, frames = frame_positions.shape[:-1], frame_positions.shape[-1]
+        grid = (*lead, frames, height, width)
         parts = [
-            t_tab[frame_positions].view(frames, 1, 1, -1).expand(frames, height, width, -1),
-            h_tab[:height].view(1, height, 1, -1).expand(frames, height, width, -1),
-            w_tab[:width].view(1, 1, width, -1).expand(frames, height, width, -1),
+            t_tab[frame_positions].view(*lead, frames, 1, 1, -1).expand(*grid, -1),
+            h_tab[:height].view(height, 1, -1).expand(*grid, -1),
+            w_tab[:width].view(width, -1).expand(*grid, -1),
         ]
-        return torch.cat(parts, dim=-1).reshape(frames * height * width, -1)
+        out = torch.cat(parts, dim=-1).reshape(*lead, frames * height * width, -1)
+        return out[:, None] if lead else out
+
+    def time_shift(self, delta: int) -> torch.Tensor:
+        """``(D/2,)`` complex rotation that moves a rotated vector ``delta`` frames later in time (only the
+        time pairs turn). Rotations compose exactly, so cached keys can be re-based by any ``delta``."""
+        t_pairs, h_pairs, w_pairs = self.pairs
+        turn = torch.polar(torch.ones(t_pairs), self.freqs[0].double().mul(delta).float())
+        return torch.cat([turn, torch.ones(h_pairs + w_pairs, dtype=torch.complex64)])
 
     def camera_slice(self, rope: torch.Tensor) -> torch.Tensor:
         """The UCPE branch's RoPE on D/2 dims: the leading entries of each axis of the main table."""

@@ -8,7 +8,8 @@ Constant in session length. For a batch of B sessions and S tokens per latent fr
 * every softmax block (``SoftmaxCarry``): post-RoPE main K/V and post-UCPE camera K/V of the sink chunk 0
   and of the previous chunk (None while the previous chunk is the sink), (B, H, n, D) bf16;
 * every block: ``ffn_tail`` (B, 1, S, C), the last frame before the FFN's temporal conv;
-* ``next_frame``: the absolute latent index of the next chunk's first frame.
+* ``next_frame``: the absolute latent index of the next chunk's first frame (a tuple, one per session, when
+  sessions at different points are batched).
 
 Serialisation (``to_bytes``/``from_bytes``, ``save``/``load``) is safetensors plus a JSON header, so a
 session can be suspended, moved and resumed bit-exactly.
@@ -32,7 +33,7 @@ _WINDOW_FIELDS = ("k", "v", "k_cam", "v_cam")
 class SessionState:
     """Everything the DiT needs to continue a batch of sessions; advanced in place by ``write_state=True``."""
 
-    def __init__(self, carries: list[BlockCarry], next_frame: int = 0) -> None:
+    def __init__(self, carries: list[BlockCarry], next_frame: int | tuple[int, ...] = 0) -> None:
         self.carries = carries
         self.next_frame = next_frame
 
@@ -65,17 +66,18 @@ class SessionState:
         return ["softmax" if isinstance(c.mixer, SoftmaxCarry) else "gdn" for c in self.carries]
 
     def to_bytes(self) -> bytes:
-        meta = {"next_frame": str(self.next_frame), "kinds": json.dumps(self.kinds())}
+        meta = {"next_frame": json.dumps(self.next_frame), "kinds": json.dumps(self.kinds())}
         return st_save({k: v.contiguous().cpu() for k, v in self.tensors().items()}, metadata=meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, device: str | torch.device = "cpu") -> "SessionState":
         meta = _metadata(data)
         tensors = {k: v.to(device) for k, v in st_load(data).items()}
-        return cls.from_tensors(tensors, json.loads(meta["kinds"]), int(meta["next_frame"]))
+        frame = json.loads(meta["next_frame"])
+        return cls.from_tensors(tensors, json.loads(meta["kinds"]), tuple(frame) if isinstance(frame, list) else frame)
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], kinds: list[str], next_frame: int) -> "SessionState":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], kinds: list[str], next_frame: int | tuple[int, ...]) -> "SessionState":
         """Inverse of ``tensors()``."""
         carries = []
         for i, kind in enumerate(kinds):
@@ -93,23 +95,29 @@ class SessionState:
 
     @classmethod
     def stack(cls, states: list["SessionState"]) -> "SessionState":
-        """One batched state of sessions at the same position (batch = the sessions in order)."""
-        first = states[0]
-        if any(s.next_frame != first.next_frame for s in states):
-            raise ValueError(f"sessions at different latent frames cannot share a forward: {[s.next_frame for s in states]}")
+        """One batched state (batch = the sessions in order). Sessions may sit at different latent frames
+        (each keeps its own RoPE positions) but must hold the same slots: a session in its first chunk
+        (empty state) or second (no previous chunk in its window yet) only batches with its own kind."""
         parts = [s.tensors() for s in states]
         if any(p.keys() != parts[0].keys() for p in parts):
-            raise ValueError("sessions hold different state slots (one is at its first chunk)")
+            raise ValueError("sessions hold different state slots (they are at different chunk kinds: first, second, later)")
         tensors = {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
-        return cls.from_tensors(tensors, first.kinds(), first.next_frame)
+        frames = tuple(f for s in states for f in s.frames())
+        return cls.from_tensors(tensors, states[0].kinds(), frames[0] if len(set(frames)) == 1 else frames)
+
+    def frames(self) -> tuple[int, ...]:
+        """``next_frame`` of each session in the batch."""
+        if isinstance(self.next_frame, tuple):
+            return self.next_frame
+        tensors = self.tensors()
+        return (self.next_frame,) * (next(iter(tensors.values())).shape[0] if tensors else 1)
 
     def split(self) -> list["SessionState"]:
         """The per-session states of a batched state (views; ``clone`` them to keep them apart)."""
         tensors = self.tensors()
-        batch = next(iter(tensors.values())).shape[0] if tensors else 1
         return [
-            SessionState.from_tensors({k: v[i : i + 1] for k, v in tensors.items()}, self.kinds(), self.next_frame)
-            for i in range(batch)
+            SessionState.from_tensors({k: v[i : i + 1] for k, v in tensors.items()}, self.kinds(), frame)
+            for i, frame in enumerate(self.frames())
         ]
 
     def save(self, path: str | Path) -> None:

@@ -76,7 +76,9 @@ class Layout:
     height: int  # latent rows
     width: int  # latent columns
     chunks: tuple[tuple[int, int], ...]  # [start, end) of each chunk, in frames of this call
-    first_frame: int = 0  # absolute latent index of this call's frame 0 (RoPE time position)
+    # Absolute latent index of this call's frame 0 (the RoPE time position): one for the batch, or one per
+    # batch element when sessions at different points share a forward.
+    first_frame: int | tuple[int, ...] = 0
 
     @property
     def frames(self) -> int:
@@ -281,6 +283,20 @@ class GatedDeltaMixer(_MixerBase):
         return self.finish(main.flatten(2, 3), camera, x), new
 
 
+def _advance(frames: int | tuple[int, ...], by: int) -> int | tuple[int, ...]:
+    return tuple(f + by for f in frames) if isinstance(frames, tuple) else frames + by
+
+
+def _turn_rows(m: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    """Rotate the row pairs of ``(..., D, E)`` matrices (a state's K side) by ``turn`` ``(D/2,)``."""
+    return apply_rope(m.transpose(-1, -2), turn).transpose(-1, -2)
+
+
+def _turn_second_half(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., :half], apply_rope(x[..., half:], turn)], dim=-1)
+
+
 def _bidirectional_scan(q, k, v, beta, decay, state):
     """Forward scan from ``state`` plus the exclusive backward scan inside the chunk."""
     fwd, state = frame_gated_delta_rule(q, k, v, beta, decay, initial_state=state)
@@ -467,13 +483,57 @@ class SanaWMTransformer(nn.Module):
             raise ValueError(f"a session state is only used in streaming mode, not {mode!r}")
         if start_frame != state.next_frame:
             raise ValueError(f"this state continues at latent frame {state.next_frame}, not {start_frame}")
-        camera = camera_inputs(c2w, intrinsics, start_frame + frames, (height, width)).frames(start_frame, start_frame + frames)
-        layout = Layout("streaming", height, width, chunks=((0, frames),), first_frame=start_frame)
+        end = start_frame + frames
+        camera = camera_inputs(c2w, intrinsics, end, (height, width)).frames(start_frame, end)
+        return self.stream_chunk(latents, timestep, text, text_mask, camera, state, write_state=write_state)
+
+    def stream_chunk(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        camera: CameraInputs,
+        state: "SessionState",
+        *,
+        write_state: bool = False,
+    ) -> torch.Tensor:
+        """One streaming chunk continuing ``state`` (whose ``next_frame`` gives each session's position),
+        with ``camera`` already built for exactly these frames. ``write_state`` advances the state in place."""
+        self._check_latents(latents)
+        frames, height, width = latents.shape[2:]
+        layout = Layout("streaming", height, width, chunks=((0, frames),), first_frame=state.next_frame)
         velocity, carries = self.run(latents, timestep, text, text_mask, camera, layout, state.carries)
         if write_state:
             state.carries = carries
-            state.next_frame = start_frame + frames
+            state.next_frame = _advance(state.next_frame, frames)
         return velocity
+
+    def rebase_state(self, state: "SessionState", delta: int) -> None:
+        """Move a session ``delta`` latent frames back in RoPE time, in place, so it can run past the table.
+
+        Every cached key (and camera-branch value) carries its absolute time rotation; turning them all by
+        ``-delta`` while the next chunk's positions drop by ``delta`` leaves every query-key angle, and so
+        the output, unchanged (up to float rounding) - the session continues as if the table were endless.
+        """
+        turn = self.rope.time_shift(-delta)
+        cam_turn = self.rope.camera_slice(turn)
+        for carry in state.carries:
+            mixer = carry.mixer
+            if isinstance(mixer, GDNCarry):
+                if mixer.main is not None:
+                    mixer.main = _turn_rows(mixer.main, turn)
+                if mixer.camera is not None:  # K rows and V columns: RoPE on the second half of each
+                    cam = _turn_second_half(mixer.camera, cam_turn)
+                    mixer.camera = _turn_second_half(cam.transpose(-1, -2), cam_turn).transpose(-1, -2)
+            else:
+                for slot in ("sink", "prev"):
+                    window = getattr(mixer, slot)
+                    if window is not None:
+                        setattr(mixer, slot, WindowKV(
+                            apply_rope(window.k, turn), window.v, _turn_second_half(window.k_cam, cam_turn), _turn_second_half(window.v_cam, cam_turn)
+                        ))
+        state.next_frame = _advance(state.next_frame, -delta)
 
     def new_carries(self) -> list[BlockCarry]:
         return [block.new_carry() for block in self.blocks]
@@ -513,7 +573,8 @@ class SanaWMTransformer(nn.Module):
         text_mask = text_mask.to(device=y.device).bool()
         plucker = self.plucker_embedder(camera.plucker.to(device=x.device, dtype=dtype))
 
-        positions = torch.arange(frames, device=x.device) + layout.first_frame
+        first = torch.as_tensor(layout.first_frame, device=x.device)
+        positions = torch.arange(frames, device=x.device) + first[..., None]  # (T,) or (B, T)
         rope = self.rope(positions, height, width)
         to_ray = ray_transforms(camera.raymap.to(x.device).float(), (height, width))
         cam = CameraContext(

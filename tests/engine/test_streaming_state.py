@@ -235,11 +235,62 @@ def _clone_sessions(sessions):
     return [(SessionState.from_tensors({k: v.clone() for k, v in s.tensors().items()}, s.kinds(), s.next_frame), *rest) for s, *rest in sessions]
 
 
-def test_sessions_at_different_positions_do_not_stack():
+def test_sessions_at_different_chunk_kinds_do_not_stack():
     model = _tiny()
     c2w, intr, text, mask = _session_inputs(10)
     a, b = model.new_state(1), model.new_state(1)
     _run_chunks(model, a, 2, 0, text, mask, c2w, intr, seed=1)
     _run_chunks(model, b, 1, 0, text, mask, c2w, intr, seed=1)
-    with pytest.raises(ValueError, match="different latent frames"):
+    with pytest.raises(ValueError, match="different state slots"):
         SessionState.stack([a, b])
+
+
+@pytest.mark.parametrize("softmax_bf16", [False, True])
+def test_rebasing_rope_time_keeps_the_velocity(softmax_bf16):
+    """Turning every cached key back by ``delta`` frames while the next chunk moves back by ``delta`` is a
+    change of basis: the next chunk's velocity is unchanged (fp32 softmax: rounding only; bf16-cached
+    window: one re-rounding of the cached K)."""
+    model = _tiny(softmax_bf16=softmax_bf16)
+    frames, hw = 13, (2, 3)
+    c2w, intr, text, mask = _session_inputs(frames, hw)
+    clean = torch.randn(1, 16, frames, *hw)
+    spans = chunk_spans(frames, SamplerConfig())
+    state = model.new_state(1)
+    with torch.no_grad():
+        for start, end in spans[:-1]:
+            model(clean[:, :, start:end], torch.zeros(1, end - start), text, mask, c2w, intr, mode="streaming", state=state, start_frame=start, write_state=True)
+        start, end = spans[-1]
+        cam = camera_inputs(c2w, intr, end, hw).frames(start, end)
+        t = torch.full((1, end - start), 889.0)
+        before = model.stream_chunk(clean[:, :, start:end], t, text, mask, cam, state)
+        model.rebase_state(state, 9)
+        assert state.next_frame == start - 9
+        after = model.stream_chunk(clean[:, :, start:end], t, text, mask, cam, state)
+    assert rel_err(after, before) < (1e-3 if softmax_bf16 else 1e-5)
+
+
+def test_sessions_at_different_positions_batch_like_alone():
+    """Two sessions at different latent frames share one forward, each at its own RoPE positions."""
+    model = _tiny(softmax_bf16=False)
+    hw = (2, 3)
+    c2w, intr, text, mask = _session_inputs(13, hw)
+    clean = torch.randn(1, 16, 13, *hw)
+    spans = chunk_spans(13, SamplerConfig())
+    states = []
+    with torch.no_grad():
+        for upto in (2, 3):  # session A has written 2 chunks, session B 3
+            state = model.new_state(1)
+            for start, end in spans[:upto]:
+                model(clean[:, :, start:end], torch.zeros(1, end - start), text, mask, c2w, intr, mode="streaming", state=state, start_frame=start, write_state=True)
+            states.append(state)
+        x = torch.randn(2, 16, 3, *hw)
+        t = torch.full((2, 3), 960.0)
+        cams = [camera_inputs(c2w, intr, s.next_frame + 3, hw).frames(s.next_frame, s.next_frame + 3) for s in states]
+        alone = [model.stream_chunk(x[i : i + 1], t[:1], text, mask, cams[i], s) for i, s in enumerate(states)]
+        batched_state = SessionState.stack(states)
+        assert batched_state.next_frame == (7, 10)
+        cam = type(cams[0])(torch.cat([c.raymap for c in cams]), torch.cat([c.plucker for c in cams]))
+        batched = model.stream_chunk(x, t, text.expand(2, -1, -1), mask.expand(2, -1), cam, batched_state, write_state=True)
+    for i in range(2):
+        assert rel_err(batched[i : i + 1], alone[i]) < 1e-5
+    assert [s.next_frame for s in batched_state.split()] == [10, 13]
