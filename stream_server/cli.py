@@ -32,6 +32,104 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that choose and place the model (shared by the commands that run it)."""
+    parser.add_argument("--model", default="tiny", help="built-in preset (default: tiny, random weights)")
+    parser.add_argument("--checkpoint", help="a downloaded SANA-WM_streaming release folder")
+    parser.add_argument("--text-encoder", help="Gemma-2-2B-IT folder for --checkpoint (default: found beside it)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--chunk-frames", type=int, default=3, choices=[1, 2, 3], help="latent frames per chunk")
+
+
+def engine_from_args(args: argparse.Namespace):
+    """Build the engine the flags ask for; every failure becomes a one-line ``CliError``."""
+    from world_model.checkpoint import CheckpointError
+    from world_model.engine import build_engine
+    from world_model.engine_api import EngineError
+
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    try:
+        return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder, chunk_frames=args.chunk_frames)
+    except (CheckpointError, EngineError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    except RuntimeError as exc:  # e.g. a CUDA device that is not there
+        raise CliError(f"cannot start the model on {args.device}: {str(exc).splitlines()[0]}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stream_server.generate import check_seconds, generate_video
+    from world_model.controls import parse_actions
+    from world_model.engine import load_image
+    from world_model.engine_api import EngineError
+
+    try:  # cheap checks first, before any model is built
+        parse_actions(args.actions)
+        check_seconds(args.seconds, 16)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise CliError(f"output folder {out.parent} does not exist")
+    try:
+        image = load_image(args.image) if args.image else None
+        engine = engine_from_args(args)
+        frames = generate_video(engine, out, prompt=args.prompt, actions=args.actions, seconds=args.seconds, image=image, seed=args.seed, progress=not args.quiet)
+    except EngineError as exc:
+        raise CliError(str(exc)) from None
+    print(f"wrote {out} ({frames} frames, {engine.info.width}x{engine.info.height} at {engine.info.fps} fps)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import math
+
+    from stream_server.bench import as_json, batch_sizes, measure
+
+    if not 1 <= args.sessions <= 256:
+        raise CliError(f"--sessions must be in 1..256; got {args.sessions}")
+    if not 0 < args.seconds <= 600:
+        raise CliError(f"--seconds must be in (0, 600]; got {args.seconds:g}")
+    engine = engine_from_args(args)
+    chunk_s = engine.info.chunk_pixel_frames / engine.info.fps
+    result = measure(engine, batch_sizes(args.sessions), chunks=max(1, math.ceil(args.seconds / chunk_s)))
+    print(json.dumps(as_json(result)) if args.json else result.table())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.max_sessions < 1:
+        raise CliError("--max-sessions must be at least 1")
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port must be in 1..65535; got {args.port}")
+    for name in ("idle_timeout", "grace_period"):
+        if getattr(args, name) <= 0:
+            raise CliError(f"--{name.replace('_', '-')} must be positive")
+
+    from pathlib import Path
+
+    from aiohttp import web
+
+    from .app import create_app
+    from .config import ServerConfig
+
+    config = ServerConfig(
+        host=args.host, port=args.port, max_sessions=args.max_sessions, data_dir=Path(args.data_dir),
+        ice_servers=tuple(args.ice_server), allow_origins=tuple(args.allow_origin),
+        idle_timeout=args.idle_timeout, grace_period=args.grace_period,
+    )
+    engine = engine_from_args(args)  # the one place the server reaches torch
+    info = engine.info
+    logging.getLogger("stream_server").info(
+        "serving %s (%dx%d @ %d fps, %s %s) on http://%s:%d", info.model, info.width, info.height, info.fps,
+        info.device, info.dtype, args.host, args.port,
+    )
+    web.run_app(create_app(engine, config), host=args.host, port=args.port, print=None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sana-wm-stream", description="Live SANA-WM world streaming server and tools.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
@@ -41,6 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--checkpoint", required=True, help="release folder, transformer/ folder or weights file")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser("generate", help="offline streaming generation to an MP4")
+    gen.add_argument("--image", help="start image (any size: resized and centre-cropped; default: a plain scene)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--actions", required=True, help="action script, e.g. w-16,d-16,none-8 (the last segment repeats)")
+    gen.add_argument("--seconds", type=float, required=True, help="length of the video")
+    gen.add_argument("-o", "--output", required=True, help="output .mp4")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_engine_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="measure chunk latency, sessions at real time and memory (random weights without --checkpoint)")
+    bench.add_argument("--sessions", type=int, default=1, help="measure batches of 1, 2, 4, ... up to this many sessions")
+    bench.add_argument("--seconds", type=float, default=6.0, help="video seconds timed per batch size")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    add_engine_args(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    serve = sub.add_parser("serve", help="run the streaming server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--max-sessions", type=int, default=8, help="live sessions at once (default 8)")
+    serve.add_argument("--data-dir", default="data", help="where recordings and replays go (default ./data)")
+    serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                       help="STUN/TURN server for WebRTC, e.g. stun:host:3478 or turn:user:pass@host:3478 (repeatable); none: host candidates only")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="origin allowed to call the API cross-site (repeatable, '*' for any); default same-origin")
+    serve.add_argument("--idle-timeout", type=float, default=300.0, help="end a session after this many seconds without a control message")
+    serve.add_argument("--grace-period", type=float, default=30.0, help="seconds a disconnected session waits for its client to reconnect")
+    add_engine_args(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
