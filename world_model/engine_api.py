@@ -76,6 +76,10 @@ class Engine(Protocol):
         """Free the session; unknown ids are ignored."""
         ...
 
+    def sessions(self) -> list[str]:
+        """Ids of the open sessions."""
+        ...
+
     def state_bytes(self, session_id: str) -> int:
         """Size of the session's recurrent state (DiT state + VAE decoder cache)."""
         ...

@@ -1,0 +1,64 @@
+"""``sana-wm-stream generate`` and ``bench`` on the tiny preset: real MP4s, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from stream_server.cli import main
+
+
+def _frames(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        return frames, stream.average_rate
+
+
+def test_generate_writes_an_h264_clip_of_the_asked_length(tmp_path, capsys):
+    image = tmp_path / "start.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 300, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "clip.mp4"
+    rc = main(["generate", "--image", str(image), "--prompt", "a harbour", "--actions", "w-8,d-4", "--seconds", "2", "-o", str(out), "-q"])
+    assert rc == 0
+    frames, rate = _frames(out)
+    assert len(frames) == 32 and rate == 16  # 2 s at 16 fps: the second chunk is cut to length
+    assert frames[0].shape == (128, 256, 3)
+    assert "32 frames" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--actions", "w-8,q-2"], "unknown keys"),
+        (["--actions", "w-x"], "action"),
+        (["--seconds", "0"], "--seconds"),
+        (["--seconds", "nan"], "--seconds"),
+        (["--image", "/nonexistent.png"], "cannot read image"),
+        (["--checkpoint", "/"], "no Stage-1 DiT"),
+        (["--model", "huge"], "unknown model"),
+        (["--seed", "-3"], "seed"),
+        (["-o", "/nonexistent/dir/x.mp4"], "does not exist"),
+    ],
+)
+def test_generate_bad_input_is_one_line(tmp_path, capsys, args, message):
+    base = {"--prompt": "x", "--actions": "w-8", "--seconds": "1", "-o": str(tmp_path / "x.mp4")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["generate", "-q"] + [item for pair in base.items() for item in pair]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_bench_prints_the_interface_json(capsys):
+    assert main(["bench", "--sessions", "2", "--seconds", "1.5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("model", "device", "dtype", "sessions", "chunk_ms_p50", "chunk_ms_p95", "realtime_factor", "max_realtime_sessions", "state_bytes_per_session", "peak_memory_bytes"):
+        assert key in result
+    assert result["sessions"] == 2 and [b["sessions"] for b in result["batches"]] == [1, 2]
+    assert result["chunk_ms_p50"] > 0 and result["state_bytes_per_session"] > 0
