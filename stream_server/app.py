@@ -83,11 +83,17 @@ def _add_client(app: web.Application, client_dir: Path) -> None:
         app.router.add_get("/", placeholder)
         return
 
-    async def root(request: web.Request) -> web.FileResponse:
-        return web.FileResponse(index)
+    root_dir = client_dir.resolve()
 
-    app.router.add_get("/", root)
-    app.router.add_static("/", client_dir, follow_symlinks=False)
+    async def client_file(request: web.Request) -> web.FileResponse:
+        """A file of the client; anything outside the folder or missing is a JSON 404 (after the API routes)."""
+        path = (root_dir / request.match_info.get("path", "index.html")).resolve()
+        if root_dir not in path.parents or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    app.router.add_get("/", client_file)
+    app.router.add_get("/{path:.+}", client_file)
 
 
 def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> web.Application:

@@ -33,15 +33,21 @@ async def error_of(response, status: int) -> str:
     return body["error"]["code"]
 
 
-async def test_health_info_and_client_placeholder(client):
+async def test_health_info_and_the_client(client):
     assert await (await client.get("/healthz")).json() == {"status": "ok"}
     info = await (await client.get("/v1/info")).json()
     assert {k: info[k] for k in ("model", "width", "height", "fps", "chunk_frames", "max_sessions", "active_sessions")} == {
         "model": "fake", "width": 64, "height": 48, "fps": 16, "chunk_frames": 8, "max_sessions": 3, "active_sessions": 0,
     }
     page = await client.get("/")
-    assert page.status == 200 and "not built" in await page.text()
+    assert page.status == 200 and "world-stream" in await page.text()  # client_web/index.html
     assert await error_of(await client.get("/no/such/path"), 404) == "not_found"
+
+
+async def test_a_missing_client_gets_a_placeholder(engine, tmp_path):
+    async with TestClient(TestServer(create_app(engine, with_config(client_dir=tmp_path / "missing")))) as c:
+        page = await c.get("/")
+        assert page.status == 200 and "not built" in await page.text()
 
 
 async def test_serves_the_built_client(engine, tmp_path):

@@ -205,7 +205,7 @@ async def test_overload_is_reported_and_shared(engine):
             await vb.wait_event(lambda e: e["type"] == "stats" and e["overloaded"], timeout=10)
             await asyncio.sleep(2.0)
             served = [sum(sid in batch for batch in engine.batches) for sid in sorted(engine.sessions)]
-            assert min(served) >= 3 and max(served) - min(served) <= 1  # equal shares, no one starved
+            assert min(served) >= 2 and max(served) - min(served) <= 1  # equal shares, no one starved
         finally:
             await va.close()
             await vb.close()
