@@ -40,8 +40,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--sessions", type=int, default=1)
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype)
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, compile=args.compile)
     rigs = [CameraRig() for _ in range(args.sessions)]
     ids = [engine.open_session(prompt=f"scene {i}", seed=i) for i in range(args.sessions)]
     n = engine.info.chunk_pixel_frames
@@ -50,7 +51,8 @@ def main() -> None:
         return [ChunkRequest(sid, np.stack([rig.step(["w"]) for _ in range(n)])) for sid, rig in zip(ids, rigs)]
 
     for _ in range(3):
-        engine.step(requests())
+        frames = engine.step(requests())[0].frames
+    print(f"frames: mean {frames.mean():.1f}, std {frames.std():.1f}, saturated {(frames == 0).mean() + (frames == 255).mean():.3f}")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine.step(requests())

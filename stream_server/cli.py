@@ -40,6 +40,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--chunk-frames", type=int, default=3, choices=[1, 2, 3], help="latent frames per chunk")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; slow first chunks)")
 
 
 def engine_from_args(args: argparse.Namespace):
@@ -50,7 +51,7 @@ def engine_from_args(args: argparse.Namespace):
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     try:
-        return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder, chunk_frames=args.chunk_frames)
+        return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder, chunk_frames=args.chunk_frames, compile=args.compile)
     except (CheckpointError, EngineError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
     except RuntimeError as exc:  # e.g. a CUDA device that is not there

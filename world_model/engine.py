@@ -67,6 +67,8 @@ class EngineConfig:
     fov_deg: float = 60.0  # horizontal field of view of the intrinsics handed to the model
     seed: int = 0  # random-weight initialisation (presets without a checkpoint)
     rebase_after: int | None = None  # re-base RoPE time once a session reaches this latent frame
+    compile: bool = False  # torch.compile each DiT block (GPU; the VAE decoder is never compiled)
+    tf32: bool = True  # on CUDA, fp32 matmuls (the GDN state updates) on TF32 tensor cores
 
 
 @dataclass
@@ -356,6 +358,12 @@ def build_engine(model: str = "tiny", checkpoint: str | None = None, device: str
         text_src = config.text_encoder or str(_first_dir(root, ("gemma-2-2b-it", "text_encoder"), "Gemma-2-2B-IT text encoder (pass text_encoder=DIR)"))
         text = text_encoder_for(text_src, transformer.config.caption_channels, device=device, dtype=torch_dtype)
     transformer = transformer.to(device=device, dtype=torch_dtype)
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
+    if config.compile:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes per chunk kind x batch
+        for block in transformer.blocks:
+            block.compile()
     if transformer.config.in_channels != vae.latent_channels:
         raise CheckpointError(f"the DiT expects {transformer.config.in_channels} latent channels, the VAE gives {vae.latent_channels}")
     return StreamingEngine(transformer, vae, text, config)
