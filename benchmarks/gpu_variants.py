@@ -19,7 +19,11 @@ from world_model.controls import CameraRig
 from world_model.engine import build_engine
 from world_model.engine_api import ChunkRequest
 
-VARIANTS = {"highest": {"tf32": False}, "tf32": {"tf32": True}, "compile": {"tf32": True, "compile": True}}
+VARIANTS = {
+    "highest": {"tf32": False},
+    "tf32": {"tf32": True},
+    "compile": {"tf32": True, "compile": True},
+}
 
 
 def two_chunks(engine) -> np.ndarray:
