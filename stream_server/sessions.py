@@ -162,6 +162,7 @@ class Session:
         self._input_times: collections.OrderedDict[int, float] = collections.OrderedDict()
         self._pending_prompt: str | None = None
         self._last_shown_seq = -1
+        self._last_shown_time: float | None = None
 
     def check_token(self, token: str) -> bool:
         return hmac.compare_digest(token.encode(), self.token.encode())
@@ -181,11 +182,15 @@ class Session:
             return []
         if message.seq < self._seq:
             return [protocol.error_event("stale_input", f"input seq {message.seq} is older than {self._seq}")]
+        # A re-send of the same held keys (clients repeat every ~100 ms) is not a new input: it keeps the
+        # time of the change it repeats, so the latency metric measures from the key press itself.
+        changed = message.keys != self._keys or message.mouse_dx or message.mouse_dy or not self._input_times
+        since = now if changed else next(reversed(self._input_times.values()))
         self._seq = message.seq
         self._keys = message.keys
         self._mouse[0] += message.mouse_dx
         self._mouse[1] += message.mouse_dy
-        self._input_times[message.seq] = now
+        self._input_times[message.seq] = since
         while len(self._input_times) > _INPUT_LOG:
             self._input_times.popitem(last=False)
         return []
@@ -197,6 +202,7 @@ class Session:
         self._mouse = [0.0, 0.0]
         self._input_times.clear()
         self._last_shown_seq = -1
+        self._last_shown_time = None
 
     def next_chunk_input(self, frames: int) -> ChunkInput:
         """Roll the camera rig ``frames`` pixel frames with the newest held keys (mouse motion spread
@@ -228,8 +234,9 @@ class Session:
         if packet.input_seq == self._last_shown_seq:
             return None
         self._last_shown_seq = packet.input_seq
-        if packet.input_time is None:
-            return None
+        if packet.input_time is None or packet.input_time == self._last_shown_time:
+            return None  # nothing new: a re-send of input already shown
+        self._last_shown_time = packet.input_time
         latency = now - packet.input_time
         self.latencies.append(latency)
         return latency
