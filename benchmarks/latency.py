@@ -57,14 +57,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_tiny(max_sessions: int, log_path: Path):
+def serve_tiny(max_sessions: int, log_path: Path, chunk_frames: int = 3):
     """``sana-wm-stream serve --model tiny`` on a free port; yields its base URL."""
     port = free_port()
     script = Path(sys.executable).with_name("sana-wm-stream")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "stream_server.cli"]
     data_dir = tempfile.mkdtemp(prefix="latency-bench-")
     command += ["serve", "--model", "tiny", "--port", str(port), "--max-sessions", str(max_sessions),
-                "--data-dir", data_dir, "--grace-period", "5"]
+                "--data-dir", data_dir, "--grace-period", "5", "--chunk-frames", str(chunk_frames)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -302,6 +302,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured seconds per session count (default 20)")
     parser.add_argument("--gap", default="0.4,1.6", help="min,max seconds between a session's inputs (default 0.4,1.6)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input timing and keys")
+    parser.add_argument("--chunk-frames", type=int, default=3, choices=[1, 2, 3], help="latent frames per chunk of the served model (1: 0.5 s chunks, the low-latency mode)")
     parser.add_argument("--url", help="measure this running server instead of starting serve --model tiny")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -317,7 +318,7 @@ def main() -> None:
         server = args.url
     else:
         log_path = Path(tempfile.mkstemp(prefix="latency-serve-", suffix=".log")[1])
-        with serve_tiny(max(counts), log_path) as url:
+        with serve_tiny(max(counts), log_path, args.chunk_frames) as url:
             info, results = asyncio.run(run(url, counts, args.seconds, gap, args.seed, args.json))
         server = "subprocess: sana-wm-stream serve --model tiny"
     config = {"server": server, "seconds": args.seconds, "gap": gap, "seed": args.seed, "cpu_count": os.cpu_count(), **info}
