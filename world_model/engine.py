@@ -156,14 +156,14 @@ class StreamingEngine:
             groups.setdefault(s.kind, []).append(i)
         with torch.inference_mode():
             for group in groups.values():
-                videos = self._advance([sessions[i] for i in group], [requests[i].poses for i in group])
-                for i, frames in zip(group, videos):
+                videos, latents = self._advance([sessions[i] for i in group], [requests[i].poses for i in group])
+                for i, frames, z in zip(group, videos, latents):
                     s = sessions[i]
-                    results[i] = ChunkResult(s.id, s.chunk_index - 1, s.frames_emitted - len(frames), frames)
+                    results[i] = ChunkResult(s.id, s.chunk_index - 1, s.frames_emitted - len(frames), frames, z)
         return results  # type: ignore[return-value]
 
-    def _advance(self, sessions: list[_Session], poses: list[np.ndarray]) -> list[np.ndarray]:
-        """One chunk for sessions of one kind, batched; returns each session's new video frames."""
+    def _advance(self, sessions: list[_Session], poses: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """One chunk for sessions of one kind, batched; returns each session's new video frames and latents."""
         first = sessions[0].kind == 0
         frames = self.sampler.first_chunk_frames if first else self.sampler.chunk_frames
         noise = torch.cat([torch.randn(1, self.model.config.in_channels, frames, *self.latent_hw, generator=s.generator) for s in sessions])
@@ -196,7 +196,7 @@ class StreamingEngine:
             if s.state.next_frame >= self.rebase_after:
                 delta = s.state.next_frame - (self.sampler.first_chunk_frames + self.sampler.chunk_frames)
                 self.model.rebase_state(s.state, delta)
-        return list(rgb)
+        return list(rgb), list(latents.to(torch.float16).cpu().numpy())
 
     def _camera(self, sessions: list[_Session], poses: list[np.ndarray], frames: int) -> CameraInputs:
         """Per-session camera inputs of this chunk (poses of the new pixel frames; chunk 0 adds frame 0)."""

@@ -54,6 +54,7 @@ class ChunkResult:
     chunk_index: int  # 0 for the first chunk of a session
     first_frame: int  # index (from 0) of frames[0] in the session's video; the start image is not emitted
     frames: np.ndarray  # (chunk_pixel_frames, height, width, 3) uint8 RGB
+    latents: np.ndarray | None = None  # (C, T, h, w) float16 clean Stage-1 latents of the chunk (for recording)
 
 
 class EngineError(ValueError):

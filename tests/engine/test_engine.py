@@ -54,6 +54,9 @@ def test_frames_shape_and_counts(engine):
     for r in results:
         assert r.frames.shape == (info.chunk_pixel_frames, info.height, info.width, 3)
         assert r.frames.dtype == np.uint8
+    # The clean latents of each chunk (for recordings): the image anchor + 3, then 3.
+    assert [r.latents.shape for r in results] == [(16, 4, 4, 8), (16, 3, 4, 8)]
+    assert results[0].latents.dtype == np.float16
     engine.close_session(d.id)
 
 
