@@ -1,4 +1,5 @@
-"""Per-session Stage-1 state of the streaming model, from the config alone (no weights, no GPU).
+"""Per-session state of the streaming model: the DiT's (from the config alone) and the causal-VAE
+decoder cache (a chunk decoded on the meta device: shapes, no memory, no weights).
 
     .venv/bin/python benchmarks/state_size.py [--preset sana-wm-streaming] [--height 704 --width 1280]
 """
@@ -12,6 +13,7 @@ import torch
 
 from world_model.config import preset
 from world_model.state import layout_nbytes, state_layout
+from world_model.vae import VideoVAE
 
 
 def main() -> None:
@@ -33,6 +35,12 @@ def main() -> None:
         print(f"{kind:<10} {len(specs):>7} {layout_nbytes(specs) / mib:>9.1f}")
     total = layout_nbytes(layout)
     print(f"{'total':<10} {len(layout):>7} {total / mib:>9.1f}  ({total / 2**30:.3f} GiB, {total:,} bytes)")
+
+    vae = VideoVAE.from_preset("ltx2", device="meta", dtype=torch.bfloat16)
+    cache = vae.new_decoder_cache()
+    vae.decode_chunk(torch.empty(1, vae.latent_channels, 4, args.height // 32, args.width // 32, device="meta"), cache)
+    both = total + cache.nbytes
+    print(f"VAE decoder cache: {len(cache.tensors())} convs, {cache.nbytes / mib:.1f} MiB; DiT + VAE: {both / mib:.1f} MiB ({both / 2**30:.3f} GiB)")
 
 
 if __name__ == "__main__":
