@@ -36,7 +36,7 @@ from diffusers import AutoencoderKLLTX2Video
 from diffusers.models.autoencoders.autoencoder_kl_ltx2 import LTX2VideoCausalConv3d, LTX2VideoUpsampler3d
 from torch import nn
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, check_state_dict
 
 __all__ = ["VAE_PRESETS", "DecoderCache", "VideoVAE", "vae_config"]
 
@@ -328,26 +328,6 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise ``CheckpointError`` naming every missing, unexpected and mis-shaped key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    misshaped = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(
-            "mis-shaped keys: "
-            + ", ".join(f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {expected[k]})" for k in misshaped)
-        )
-    if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems))
-
-
 def _move(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> None:
     # nn.Module.to, not ModelMixin.to: the latter warns about float32-pinned modules this VAE has none of.
     nn.Module.to(model, device=device, dtype=dtype)
@@ -412,7 +392,7 @@ class VideoVAE:
                 model = _model_from_config(config)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{folder / 'config.json'}: {exc}") from None
-        _check_keys(model, state_dict, str(folder))
+        check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state_dict, str(folder))
         model.load_state_dict(state_dict, strict=True, assign=True)
         stored = {t.dtype for t in state_dict.values() if t.is_floating_point()}
         _move(model, device, dtype or (stored.pop() if len(stored) == 1 else torch.float32))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import rel_err
-from world_model.config import preset
+from tests.engine.test_streaming_state import _tiny
 from world_model.sampler import SamplerConfig, chunk_spans
 from world_model.transformer import SanaWMTransformer
 from world_model.vae import VideoVAE
@@ -28,15 +28,7 @@ FRAMES = 10
 
 
 def _model() -> SanaWMTransformer:
-    torch.manual_seed(0)
-    model = SanaWMTransformer(preset("tiny", softmax_bf16=False)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.15)
-        for blk in model.blocks:
-            if not blk.is_softmax:
-                blk.attn.A_log.uniform_(-1, 1)
-    return model
+    return _tiny(softmax_bf16=False)
 
 
 def _inputs(device):

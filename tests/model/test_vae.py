@@ -303,7 +303,7 @@ def test_from_pretrained_names_a_renamed_key(saved):
 
 def test_from_pretrained_names_a_misshaped_key(saved):
     _edit_weights(saved, lambda sd: sd.__setitem__("latents_std", torch.ones(8)))
-    with pytest.raises(CheckpointError, match=r"mis-shaped keys: latents_std \(checkpoint \(8,\), model \(16,\)\)"):
+    with pytest.raises(CheckpointError, match=r"mis-shaped keys: latents_std \(e.g. latents_std: checkpoint \(8,\), model \(16,\)\)"):
         VideoVAE.from_pretrained(saved)
 
 
