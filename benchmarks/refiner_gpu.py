@@ -1,0 +1,64 @@
+"""The release-size refiner (13.0 B video parameters, random bf16 weights) refining a 60 s recording.
+
+    python benchmarks/refiner_gpu.py [--seconds 60] [--decode]
+
+Stage-1 latents of ``--seconds`` of 1280x704 video at 16 fps (8k+1 frames -> k+1 latents), random; the
+chunk-autoregressive recipe (sink + 10 history, 3-latent blocks, 3 steps + 1 capture forward each). Weights are
+drawn on the GPU (N(0, 0.02)) after building on the meta device, so a run starts in seconds. Prints the
+refiner time, the optional causal-VAE decode time of the refined latents, and peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from world_model.refiner import Refiner, _video_only, refiner_transformer
+from world_model.text import HashTextEncoder
+from world_model.vae import VideoVAE
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--decode", action="store_true", help="also decode the refined latents (streaming VAE)")
+    args = parser.parse_args()
+    latent_frames = int(args.seconds * 16) // 8 + 1
+    start = time.perf_counter()
+    model = _video_only(refiner_transformer("ltx2", device="meta"))
+    model = model.to(torch.bfloat16).to_empty(device="cuda")  # bf16 first: 26 GB, never an fp32 copy
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        print(f"note: {len(buffers)} buffers left uninitialised: {buffers[:5]}", flush=True)
+    params = sum(p.numel() for p in model.parameters())
+    refiner = Refiner(model, HashTextEncoder(model.config.caption_channels, 32, device="cuda", dtype=torch.bfloat16))
+    print(f"refiner: {params / 1e9:.2f} B parameters (video only), built in {time.perf_counter() - start:.1f} s", flush=True)
+    latents = torch.randn(1, model.config.in_channels, latent_frames, 22, 40, device="cuda", dtype=torch.bfloat16)
+    vae = VideoVAE.from_preset("ltx2", dtype=torch.bfloat16, device="cuda") if args.decode else None
+    cache = vae.new_decoder_cache() if vae else None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    refine_s = decode_s = 0.0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for block in refiner.refine_blocks(latents, "a harbour at dusk", seed=0):
+            torch.cuda.synchronize()
+            refine_s += time.perf_counter() - t0
+            if vae is not None:
+                t1 = time.perf_counter()
+                vae.to_uint8(vae.decode_chunk(block, cache))
+                torch.cuda.synchronize()
+                decode_s += time.perf_counter() - t1
+            t0 = time.perf_counter()
+    print(f"{args.seconds:g} s of video = {latent_frames} latents: refiner {refine_s:.1f} s"
+          + (f", VAE decode {decode_s:.1f} s" if vae else "")
+          + f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
