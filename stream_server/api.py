@@ -169,6 +169,7 @@ class Api:
             "model": self.info.model, "width": self.info.width, "height": self.info.height, "fps": self.info.fps,
             "chunk_frames": self.info.chunk_pixel_frames, "max_sessions": self.config.max_sessions,
             "active_sessions": len(self.registry.live), "device": self.info.device, "dtype": self.info.dtype,
+            "replays": self.config.data_dir is not None,
         })
 
     async def get_metrics(self, request: web.Request) -> web.Response:

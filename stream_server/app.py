@@ -17,8 +17,11 @@ from world_model.engine_api import Engine
 
 from .api import Api, cors_middleware, error_middleware
 from .config import ServerConfig
+from .jobs import JobQueue
 from .loop import EngineLoop
 from .metrics import ServerMetrics
+from .recording import Recorder, RecordingStore
+from .replays import Replays, Retention, run_retention
 from .rtc import configure_bitrates, offer_handler_factory
 from .scheduler import Scheduler, StepTimeEstimator
 from .sessions import EndHook, SessionRegistry
@@ -49,6 +52,16 @@ class ServerParts:
         self.loop.on_failure = self.registry.end
         answer = offer_handler_factory(self.registry, self.metrics, fps=info.fps, ice_servers=config.ice_servers)
         self.api = Api(config, info, self.registry, self.loop, self.metrics, answer)
+        self.jobs: JobQueue | None = None
+        self.recorder: Recorder | None = None
+        self.replays: Replays | None = None
+        if config.data_dir is not None:  # record sessions and serve their replays
+            store = RecordingStore(config.data_dir)
+            self.jobs = jobs = JobQueue(config.data_dir)
+            self.recorder = Recorder(store, info, jobs.enqueue)
+            self.loop.on_chunk = self.recorder.chunk
+            self.registry.end_hooks.append(self.recorder.end)
+            self.replays = Replays(store, self.jobs)
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -61,6 +74,10 @@ class ServerParts:
             asyncio.ensure_future(self.loop.run_stats(self.config.stats_interval)),
             asyncio.ensure_future(self.registry.run_sweeper()),
         ]
+        retention = Retention(self.config.replay_ttl, self.config.max_replay_bytes)
+        if self.replays is not None and retention.active:
+            self._tasks.append(asyncio.ensure_future(run_retention(
+                self.replays.store, self.jobs, retention, self.registry.live, self.config.retention_interval)))
 
     async def stop(self, app: web.Application) -> None:
         for task in self._tasks:
@@ -69,6 +86,8 @@ class ServerParts:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.registry.close_all()
+        if self.recorder is not None:
+            await self.recorder.close_all()
         self.loop.shutdown()
 
 
@@ -106,6 +125,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> web.App
     parts = ServerParts(engine, config)
     app[APP_KEY] = parts
     parts.api.add_routes(app)
+    if parts.replays is not None:
+        parts.replays.add_routes(app)
     _add_client(app, config.client_dir or CLIENT_DIR)
     app.on_startup.append(parts.start)
     app.on_shutdown.append(parts.stop)

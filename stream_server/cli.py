@@ -116,19 +116,95 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .config import ServerConfig
 
+    ttl, max_bytes = retention_from_args(args)
     config = ServerConfig(
         host=args.host, port=args.port, max_sessions=args.max_sessions, data_dir=Path(args.data_dir),
         ice_servers=tuple(args.ice_server), allow_origins=tuple(args.allow_origin),
-        idle_timeout=args.idle_timeout, grace_period=args.grace_period,
+        idle_timeout=args.idle_timeout, grace_period=args.grace_period, replay_ttl=ttl, max_replay_bytes=max_bytes,
     )
     engine = engine_from_args(args)  # the one place the server reaches torch
     info = engine.info
-    logging.getLogger("stream_server").info(
+    logger = logging.getLogger("stream_server")
+    logger.info(
         "serving %s (%dx%d @ %d fps, %s %s) on http://%s:%d", info.model, info.width, info.height, info.fps,
         info.device, info.dtype, args.host, args.port,
     )
-    web.run_app(create_app(engine, config), host=args.host, port=args.port, print=None)
+    worker = None if args.no_refine else start_refine_worker(args)
+    try:
+        web.run_app(create_app(engine, config), host=args.host, port=args.port, print=None)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait()
     return 0
+
+
+def retention_from_args(args: argparse.Namespace) -> tuple[float | None, int | None]:
+    """(ttl seconds, max bytes) from ``--replay-ttl`` and ``--max-replay-gb``."""
+    if args.replay_ttl is not None and args.replay_ttl <= 0:
+        raise CliError("--replay-ttl must be positive")
+    if args.max_replay_gb is not None and args.max_replay_gb <= 0:
+        raise CliError("--max-replay-gb must be positive")
+    return args.replay_ttl, None if args.max_replay_gb is None else int(args.max_replay_gb * 1e9)
+
+
+def start_refine_worker(args: argparse.Namespace):
+    """The refinement worker of ``serve``: ``refine --follow --low-priority`` as a child process (see
+    :mod:`stream_server.refining` for the priority policy); None when no refiner is available."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("world_model.refiner") is None:
+        logging.getLogger("stream_server").warning("no refiner (world_model/refiner.py): sessions are recorded and queued but not refined")
+        return None
+    command = [sys.executable, "-m", "stream_server.cli", "refine", "--data-dir", args.data_dir, "--follow", "--low-priority",
+               "--model", args.model, "--device", args.device]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--dtype", args.dtype), ("--replay-ttl", args.replay_ttl),
+                        ("--max-replay-gb", args.max_replay_gb)):
+        if value is not None:
+            command += [flag, str(value)]
+    return subprocess.Popen(command)
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .jobs import JobQueue
+    from .recording import RecordingStore, valid_session_id
+    from .replays import Retention, apply_retention
+
+    if args.session_id is not None and not valid_session_id(args.session_id):
+        raise CliError(f"not a session id: {args.session_id!r}")
+    if args.lease <= 0:
+        raise CliError("--lease must be positive")
+    ttl, max_bytes = retention_from_args(args)
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise CliError(f"--data-dir {data_dir} does not exist")
+    if args.low_priority:
+        from .refining import lower_priority
+
+        lower_priority()
+    store, queue = RecordingStore(data_dir), JobQueue(data_dir)
+    apply_retention(store, queue, Retention(ttl, max_bytes))
+    if args.session_id is not None and queue.get(args.session_id) is None:
+        raise CliError(f"no refinement job for session {args.session_id}")
+    from .refining import RefineWorker, RefinerUnavailable, load_refiner
+
+    dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    try:
+        refine, vae = load_refiner(args.model, args.checkpoint, device=args.device, dtype=dtype)
+    except RefinerUnavailable as exc:
+        raise CliError(str(exc)) from None
+    worker = RefineWorker(store, queue, refine, vae, model=args.model, lease_seconds=args.lease)
+    finished = worker.run(args.session_id, follow=args.follow)
+    print(f"refined {finished} session(s)")
+    return 0
+
+
+def add_retention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--replay-ttl", type=float, metavar="SECONDS", help="delete replays this long after their session ended")
+    parser.add_argument("--max-replay-gb", type=float, metavar="N", help="keep replays within N GB, deleting the oldest first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,8 +246,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="origin allowed to call the API cross-site (repeatable, '*' for any); default same-origin")
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="end a session after this many seconds without a control message")
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds a disconnected session waits for its client to reconnect")
+    serve.add_argument("--no-refine", action="store_true", help="record and queue sessions, but run no refinement worker")
+    add_retention_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    refine = sub.add_parser("refine", help="run queued refinements of recorded sessions (also runs inside serve)")
+    refine.add_argument("session_id", nargs="?", metavar="SESSION_ID", help="refine only this session (default: every queued one)")
+    refine.add_argument("--data-dir", default="data", help="the serve data dir (default ./data)")
+    refine.add_argument("--follow", action="store_true", help="keep polling for new jobs instead of exiting when none is left")
+    refine.add_argument("--low-priority", action="store_true", help="use only CPU time other processes leave free")
+    refine.add_argument("--lease", type=float, default=30.0, metavar="SECONDS", help="job lease; a dead worker's job is retaken after it")
+    refine.add_argument("--model", default="tiny", help="the model the sessions were recorded with (default: tiny)")
+    refine.add_argument("--checkpoint", help="the release folder the sessions were recorded with")
+    refine.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    refine.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    add_retention_args(refine)
+    refine.set_defaults(func=cmd_refine)
     return parser
 
 

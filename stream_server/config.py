@@ -12,7 +12,10 @@ class ServerConfig:
     port: int = 8000
     max_sessions: int = 8  # live sessions (created, streaming or in their grace period) at once
     max_batch: int | None = None  # sessions per engine step; None: max_sessions
-    data_dir: Path = Path("data")  # recordings and replays (used by the replay jobs)
+    data_dir: Path | None = None  # recordings, replays and the refinement queue; None: nothing is recorded
+    replay_ttl: float | None = None  # seconds a replay is kept after its session ended; None: no limit
+    max_replay_bytes: int | None = None  # total size of replays kept (oldest deleted first); None: no limit
+    retention_interval: float = 300.0  # seconds between applications of the two limits above
     ice_servers: tuple[str, ...] = ()  # STUN/TURN URLs handed to aiortc; empty: host candidates only
     allow_origins: tuple[str, ...] = ()  # extra origins allowed by CORS ("*" for any); empty: same-origin
     connect_timeout: float = 60.0  # seconds a created session may wait for its first offer (expires_in)

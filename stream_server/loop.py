@@ -7,7 +7,8 @@ The policy of what to step and when is :mod:`stream_server.scheduler`; this modu
 1. ask the scheduler for a plan; wait until its start time (or until a session joins or leaves);
 2. for each session in the batch, roll its camera rig over the chunk's frames with the newest input
    (:meth:`Session.next_chunk_input`) and run ``set_prompt`` + ``step`` on the engine thread;
-3. hand each chunk to its session's frame queue, record the step time, and go back to 1.
+3. hand each chunk to its session's frame queue (and to ``on_chunk``, the recorder), record the step
+   time, and go back to 1.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from world_model.engine_api import ChunkRequest, Engine
+from world_model.engine_api import ChunkRequest, ChunkResult, Engine
 
 from . import protocol
 from .metrics import ServerMetrics
@@ -41,6 +42,7 @@ class EngineLoop:
         self.metrics = metrics
         self.clock = clock
         self.on_failure: Callable[[Session, str], Awaitable[None]] | None = None  # ends a session (set by the app)
+        self.on_chunk: Callable[[Session, ChunkResult, ChunkInput], Awaitable[None]] | None = None  # the recorder
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._attached: dict[str, Session] = {}
         self._wake = asyncio.Event()
@@ -120,6 +122,8 @@ class EngineLoop:
             session.state_bytes = size
             dropped = session.deliver(result, chunk)
             self.metrics.dropped_frames.inc(dropped)
+            if self.on_chunk is not None:
+                await self.on_chunk(session, result, chunk)
 
     def send_stats(self, interval: float) -> None:
         """Send every streaming session its ``stats`` event (called about once a second)."""

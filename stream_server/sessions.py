@@ -130,6 +130,8 @@ class ChunkInput:
     input_seq: int
     input_time: float | None
     prompt: str | None  # a new prompt to set before this chunk, else None
+    keys: frozenset[str] = frozenset()  # the keys held when the chunk started (for the recording)
+    mouse: tuple[float, float] = (0.0, 0.0)  # mouse-look motion spread over the chunk
 
 
 class Session:
@@ -207,13 +209,15 @@ class Session:
     def next_chunk_input(self, frames: int) -> ChunkInput:
         """Roll the camera rig ``frames`` pixel frames with the newest held keys (mouse motion spread
         evenly over them) and take any pending prompt. Called by the engine loop at step start."""
-        dx, dy = self._mouse[0] / frames, self._mouse[1] / frames
+        mouse = (self._mouse[0], self._mouse[1])
+        dx, dy = mouse[0] / frames, mouse[1] / frames
         self._mouse = [0.0, 0.0]
         poses = np.stack([self.rig.step(self._keys, dx, dy) for _ in range(frames)])  # (frames, 4, 4)
         prompt, self._pending_prompt = self._pending_prompt, None
         if prompt is not None:
             self.prompt = prompt
-        return ChunkInput(poses=poses, input_seq=self._seq, input_time=self._input_times.get(self._seq), prompt=prompt)
+        return ChunkInput(poses=poses, input_seq=self._seq, input_time=self._input_times.get(self._seq), prompt=prompt,
+                          keys=self._keys, mouse=mouse)
 
     # -- frames -------------------------------------------------------------------------------------
     def deliver(self, result: ChunkResult, chunk: ChunkInput) -> int:

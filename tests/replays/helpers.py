@@ -1,0 +1,66 @@
+"""Shared pieces of the replay tests: synthetic recordings of the tiny model's geometry, a stand-in refiner,
+and an MP4 frame counter. Used only by tests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+import torch
+
+from stream_server.jobs import JobQueue
+from stream_server.recording import RecordingStore, SessionRecording, token_hash
+
+WIDTH, HEIGHT, FPS = 256, 128, 16  # the tiny model's video
+CHANNELS, LATENT_H, LATENT_W = 16, HEIGHT // 32, WIDTH // 32  # its latents
+CHUNK_FRAMES = 24  # video frames per chunk (chunk 0: 4 latents incl. the start frame; later chunks: 3)
+
+
+def identity_refine(latents: torch.Tensor, prompt: str, *, seed: int = 0, start_frame: int = 0,
+                    refined_prefix: torch.Tensor | None = None, progress=None, delay: float = 0.0) -> Iterator[torch.Tensor]:
+    """A stand-in refiner: yields the latents unchanged in blocks (frames 0-3, then threes) from ``start_frame``."""
+    assert refined_prefix is None or refined_prefix.shape[2] == start_frame
+    frame = start_frame
+    while frame < latents.shape[2]:
+        end = 4 if frame == 0 else frame + 3
+        time.sleep(delay)
+        yield latents[:, :, frame:end].clone()
+        frame = min(end, latents.shape[2])
+
+
+def write_recording(data_dir: Path, session_id: str, token: str, *, chunks: int = 2, prompt: str = "a harbour",
+                    ended_at: float | None = None, enqueue: bool = True) -> RecordingStore:
+    """A closed recording as the server leaves it (random latents, grey frames), queued for refinement."""
+    store = RecordingStore(data_dir)
+    meta = {"session_id": session_id, "token_sha256": token_hash(token), "model": "tiny", "width": WIDTH,
+            "height": HEIGHT, "fps": FPS, "seed": 0, "created_at": time.time(), "ended_at": None,
+            "latents": {"file": "latents.f16", "dtype": "float16", "layout": "T,C,h,w", "channels": CHANNELS,
+                        "height": LATENT_H, "width": LATENT_W, "frames": None}, "preview": None}
+    rng = np.random.default_rng(0)
+
+    async def record() -> None:
+        recording = SessionRecording(store.folder(session_id), meta, None)
+        for c in range(chunks):
+            frames = np.full((CHUNK_FRAMES, HEIGHT, WIDTH, 3), 20 * c, np.uint8)
+            latents = rng.standard_normal((CHANNELS, 4 if c == 0 else 3, LATENT_H, LATENT_W)).astype(np.float16)
+            line = {"chunk": c, "first_frame": c * CHUNK_FRAMES, "frames": CHUNK_FRAMES, **({"prompt": prompt} if c == 0 else {})}
+            await recording.add(frames, latents, np.tile(np.eye(4), (CHUNK_FRAMES, 1, 1)), line)
+        await recording.close({"ended_at": ended_at if ended_at is not None else time.time(), "end_reason": "deleted"})
+
+    asyncio.run(record())
+    if enqueue:
+        JobQueue(data_dir).enqueue(session_id)
+    return store
+
+
+def count_frames(path: Path | bytes) -> int:
+    """Decoded video frames of an MP4 (a path or its bytes)."""
+    import io
+
+    source = io.BytesIO(path) if isinstance(path, bytes) else str(path)
+    with av.open(source) as container:
+        return sum(1 for _ in container.decode(video=0))
