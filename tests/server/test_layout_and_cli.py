@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,15 @@ def test_server_never_imports_torch_and_policy_modules_no_network_stack():
         assert "torch" not in imports, f"{path.name} imports torch"
         if path.name in ("scheduler.py", "protocol.py", "sessions.py", "config.py"):
             assert not imports & {"aiohttp", "aiortc", "av"}, f"{path.name} imports {imports & {'aiohttp', 'aiortc', 'av'}}"
+
+
+def test_the_server_and_the_sdk_load_without_torch():
+    """The tensors stay on the engine's side: importing the app, every live-server module and the SDK
+    (in a fresh interpreter) must not pull torch in."""
+    modules = ", ".join(f"stream_server.{name}" for name in (*SERVER_MODULES, "sdk", "jobs", "recording", "replays"))
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize(
