@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from world_model.refiner import Refiner, _video_only, refiner_transformer
+from world_model.refiner import Refiner, video_only, refiner_transformer
 from world_model.text import HashTextEncoder
 from world_model.vae import VideoVAE
 
@@ -27,7 +27,7 @@ def main() -> None:
     args = parser.parse_args()
     latent_frames = int(args.seconds * 16) // 8 + 1
     start = time.perf_counter()
-    model = _video_only(refiner_transformer("ltx2", device="meta"))
+    model = video_only(refiner_transformer("ltx2", device="meta"))
     model = model.to(torch.bfloat16).to_empty(device="cuda")  # bf16 first: 26 GB, never an fp32 copy
     with torch.no_grad():
         for p in model.parameters():

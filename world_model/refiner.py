@@ -146,7 +146,7 @@ class Refiner:
                 f"the text encoder gives {text_encoder.caption_channels}-d features "
                 f"but the DiT expects {config.caption_channels}"
             )
-        self.transformer = _video_only(transformer).eval().requires_grad_(False)
+        self.transformer = video_only(transformer).eval().requires_grad_(False)
         self.text_encoder = text_encoder
         self.recipe = recipe
 
@@ -177,7 +177,7 @@ class Refiner:
         transformer = _ModelFolder.checked(transformer_dir, SanaWMLTX2RefinerTransformer3DModel, _TRANSFORMER_CLASSES)
         connectors = _ModelFolder.checked(connectors_dir, LTX2TextConnectors, frozenset({"LTX2TextConnectors"}))
         encoder = GemmaConnectorEncoder(Path(text_encoder_dir), connectors, dtype=dtype, device=device)
-        return cls(transformer.load(dtype, device, prune=_video_only), encoder)
+        return cls(transformer.load(dtype, device, prune=video_only), encoder)
 
     @property
     def device(self) -> torch.device:
@@ -352,7 +352,7 @@ class _Window:
 # ----------------------------------------------------------------------------------------------
 
 
-def _video_only(model: SanaWMLTX2RefinerTransformer3DModel) -> SanaWMLTX2RefinerTransformer3DModel:
+def video_only(model: SanaWMLTX2RefinerTransformer3DModel) -> SanaWMLTX2RefinerTransformer3DModel:
     """Remove, in place, the submodules and parameters that only the audio stream reads (the video forward never
     touches them), so they take no memory."""
     unused = [
