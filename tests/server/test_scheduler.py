@@ -138,3 +138,17 @@ def test_underload_is_not_overloaded_and_queue_positions_follow_deadlines():
     sched.remove("a")
     sched.finish(plan.batch, 0.0, 0.3)  # a step for a removed session is discarded quietly
     assert "a" not in sched and len(sched) == 1
+
+
+def test_staggered_load_keeps_batches_small_and_everyone_on_time():
+    """Eight sessions spread over a chunk on a device whose cost grows with the batch (a CPU): one step
+    for all eight would take 0.82 s and delay every chunk's input by that much; the policy serves them in
+    small batches instead, and no chunk is late."""
+    sched = make()
+    joins = {f"s{i}": i * CHUNK / 8 for i in range(8)}
+    steps, delivered = simulate(sched, FixedCost(0.02, 0.1), until=60.0, joins=joins)
+    later = [len(batch) for start, _, batch in steps if start > 10.0]
+    assert sum(later) / len(later) <= 2.0 and max(later) < 8
+    assert all(sched.late_chunks(sid) == 0 for sid in joins)
+    for times in delivered.values():  # real time: one chunk per 1.5 s after the start
+        assert len(times) >= 60.0 / CHUNK - 3
