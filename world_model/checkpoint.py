@@ -139,6 +139,17 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], **overrides: Any) -> Tr
     return TransformerConfig(**kwargs)
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a model config); anything else is a one-line ``CheckpointError``."""
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return raw
+
+
 def check_state_dict(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
     """Raise ``CheckpointError`` naming missing, unexpected and mis-shaped keys."""
     missing = sorted(set(expected) - set(state_dict))
@@ -185,12 +196,7 @@ def read_config(path: Path) -> dict[str, Any] | None:
     f = folder / "config.json"
     if not f.exists():
         return None
-    try:
-        config = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{f}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{f}: expected a JSON object")
+    config = read_json_object(f)
     # Only a diffusers transformer config describes the weights; other JSON files (NVlabs run configs) do not.
     is_diffusers = config.get("_class_name") == "SanaWMTransformer3DModel" or "num_layers" in config
     return config if is_diffusers else None

@@ -30,7 +30,6 @@ forward per block instead of four) and continues exactly as an uninterrupted run
 from __future__ import annotations
 
 import gc
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from diffusers.models.transformers.transformer_sana_wm_refiner import (
 from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 from torch import nn
 
-from .checkpoint import CheckpointError, _first_line, check_state_dict
+from .checkpoint import CheckpointError, _first_line, check_state_dict, read_json_object
 from .schedule import euler_step
 from .text import HashTextEncoder, TextEncoder
 
@@ -369,13 +368,7 @@ def video_only(model: SanaWMLTX2RefinerTransformer3DModel) -> SanaWMLTX2RefinerT
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path.parent}: no {path.name} (expected a diffusers model folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return raw
+    return read_json_object(path)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from diffusers import AutoencoderKLLTX2Video
 from diffusers.models.autoencoders.autoencoder_kl_ltx2 import LTX2VideoCausalConv3d, LTX2VideoUpsampler3d
 from torch import nn
 
-from .checkpoint import CheckpointError, check_state_dict
+from .checkpoint import CheckpointError, check_state_dict, read_json_object
 
 __all__ = ["VAE_PRESETS", "DecoderCache", "VideoVAE", "vae_config"]
 
@@ -296,12 +295,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json (expected a diffusers VAE folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     class_name = raw.get("_class_name", "AutoencoderKLLTX2Video")
     if class_name not in _CLASS_NAMES:
         raise CheckpointError(f"{path}: a {class_name}, not an LTX-2 video VAE")
