@@ -115,6 +115,19 @@ PRESETS: dict[str, TransformerConfig] = {
         caption_channels=24,
         chunk_plucker_post_attn_blocks=4,
     ),
+    # The built-in demo, trained on procedural scenes (world_model/training): 6 blocks (5 GDN, 1 softmax),
+    # ~9.8 M parameters, so the DiT and the "demo" VAE ship together in under 30 MB of bf16.
+    "demo": TransformerConfig(
+        in_channels=16,
+        num_layers=6,
+        hidden_size=256,
+        num_attention_heads=2,
+        linear_head_dim=128,
+        softmax_every_n=6,
+        mlp_ratio=2.0,
+        caption_channels=24,
+        chunk_plucker_post_attn_blocks=6,
+    ),
 }
 
 

@@ -35,7 +35,7 @@ from .engine_api import ChunkRequest, ChunkResult, EngineError, EngineInfo
 from .sampler import SamplerConfig, sample_chunk
 from .schedule import STREAMING_TIMESTEPS
 from .state import SessionState
-from .text import HashTextEncoder, PromptCache, TextEncoder, text_encoder_for
+from .text import HASH_ENCODER_NAME, HashTextEncoder, PromptCache, TextEncoder, text_encoder_for
 from .transformer import SanaWMTransformer
 from .vae import DecoderCache, VideoVAE
 
@@ -46,9 +46,11 @@ MIN_IMAGE_SIDE = 16
 MAX_PROMPT_CHARS = 2000
 
 # Pixel size of each built-in preset (multiples of 32: the VAE's spatial stride).
-DEFAULT_SIZE = {"tiny": (256, 128), "sana-wm-streaming": (1280, 704), "sana-wm-bidirectional": (1280, 704)}
+DEFAULT_SIZE = {"tiny": (256, 128), "demo": (256, 160), "sana-wm-streaming": (1280, 704), "sana-wm-bidirectional": (1280, 704)}
 # The VAE geometry each DiT preset pairs with.
-VAE_FOR = {"tiny": "tiny", "sana-wm-streaming": "ltx2", "sana-wm-bidirectional": "ltx2"}
+VAE_FOR = {"tiny": "tiny", "demo": "demo", "sana-wm-streaming": "ltx2", "sana-wm-bidirectional": "ltx2"}
+# Caption width of the small presets, which read hash-text features (Gemma gives 2304).
+HASH_CAPTION_CHANNELS = 24
 
 
 @dataclass(frozen=True)
@@ -355,7 +357,7 @@ def build_engine(model: str = "tiny", checkpoint: str | None = None, device: str
         transformer = load_transformer(root)
         vae_dir = Path(config.vae) if config.vae else _first_dir(root, ("ltx2_causal_vae", "vae"), "causal VAE")
         vae = VideoVAE.from_pretrained(vae_dir, dtype=torch_dtype, device=device)
-        text_src = config.text_encoder or str(_first_dir(root, ("gemma-2-2b-it", "text_encoder"), "Gemma-2-2B-IT text encoder (pass text_encoder=DIR)"))
+        text_src = config.text_encoder or _default_text_encoder(root, transformer.config.caption_channels)
         text = text_encoder_for(text_src, transformer.config.caption_channels, device=device, dtype=torch_dtype)
     transformer = transformer.to(device=device, dtype=torch_dtype)
     if torch.device(device).type == "cuda":
@@ -367,6 +369,14 @@ def build_engine(model: str = "tiny", checkpoint: str | None = None, device: str
     if transformer.config.in_channels != vae.latent_channels:
         raise CheckpointError(f"the DiT expects {transformer.config.in_channels} latent channels, the VAE gives {vae.latent_channels}")
     return StreamingEngine(transformer, vae, text, config)
+
+
+def _default_text_encoder(root: Path, caption_channels: int) -> str:
+    """The Gemma folder beside the checkpoint; small DiTs trained on hash features (the demo) ship without one."""
+    names = ("gemma-2-2b-it", "text_encoder")
+    if caption_channels == HASH_CAPTION_CHANNELS and not any((root / name).is_dir() for name in names):
+        return HASH_ENCODER_NAME
+    return str(_first_dir(root, names, "Gemma-2-2B-IT text encoder (pass text_encoder=DIR)"))
 
 
 def _first_dir(root: Path, names: Sequence[str], what: str) -> Path:

@@ -83,7 +83,16 @@ _TINY = {
     "scaling_factor": 0.5,  # not 1, so that tests exercise the normalisation
 }
 
-VAE_PRESETS: dict[str, dict[str, Any]] = {"ltx2": _LTX2, "tiny": _TINY}
+# The tiny layout a little wider, with the decoder wider than the encoder (reconstruction needs the
+# capacity, encoding a procedural scene does not): ~4.9 M parameters, the VAE of the "demo" model.
+_DEMO = {
+    **_TINY,
+    "block_out_channels": (16, 32, 64, 128),
+    "decoder_block_out_channels": (32, 64, 128),
+    "scaling_factor": 1.0,
+}
+
+VAE_PRESETS: dict[str, dict[str, Any]] = {"ltx2": _LTX2, "tiny": _TINY, "demo": _DEMO}
 
 # ``config.json`` classes we read: diffusers' VAE and NVlabs' causal copy of it (same weights).
 _CLASS_NAMES = frozenset({"AutoencoderKLLTX2Video", "AutoencoderKLCausalLTX2Video"})
@@ -415,7 +424,7 @@ class VideoVAE:
         """
         pixels = self._pixels(rgb).to(device=self.device, dtype=self.dtype)
         z = self.model.encode(pixels.unsqueeze(2), causal=True).latent_dist.mode()
-        return self._normalise(z)
+        return self.normalise(z)
 
     def _pixels(self, rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``rgb`` as a float ``(B, 3, H, W)`` tensor in [-1, 1], after checking its layout."""
@@ -490,7 +499,8 @@ class VideoVAE:
         std = self.model.latents_std.float().view(shape)
         return mean, std, float(self.model.config.scaling_factor)
 
-    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw posterior latents -> the model's latents: (z - latents_mean) * scaling_factor / latents_std."""
         mean, std, scale = self._stats()
         return (z.float() - mean) * scale / std
 

@@ -1,0 +1,125 @@
+"""Training loops: a few steps learn, a resumed run equals an uninterrupted one, exports load into the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from world_model import load_transformer
+from world_model.config import preset
+from world_model.engine import build_engine
+from world_model.engine_api import ChunkRequest
+from world_model.training import train_dit, train_vae
+from world_model.training.common import CHECKPOINT_NAME, LOG_NAME, ClipPool, LoopConfig, read_log, parameter_bytes, train
+from world_model.transformer import SanaWMTransformer
+from world_model.vae import VideoVAE
+
+CPU = torch.device("cpu")
+SMALL_CLIPS = ["--clips", "2", "--width", "64", "--height", "64", "--batch", "2", "--warmup", "1"]
+PACKAGE_LIMIT_BYTES = 30_000_000
+
+
+def _fit(model: torch.nn.Module, loss_fn, steps: int, lr: float, out: Path) -> tuple[float, float]:
+    """Step 0's loss before and after ``steps`` steps (step 0's batch and noise are fixed by the seed)."""
+    with torch.no_grad():
+        before = loss_fn(0)[0].item()
+    train(model, loss_fn, LoopConfig(steps=steps, lr=lr, warmup=1, minutes=5.0), out, resume=False)
+    with torch.no_grad():
+        after = loss_fn(0)[0].item()
+    return before, after
+
+
+def test_vae_steps_reduce_loss(tmp_path):
+    pool = ClipPool.render([3], frames=9, width=64, height=64)
+    vae = VideoVAE.from_preset("tiny")
+    model = vae.model.requires_grad_(True)
+    task = train_vae.VAETask(model, pool, train_vae.VAELossConfig(window=9, batch=1), seed=0, device=CPU)
+    before, after = _fit(model, task.loss, steps=12, lr=3e-3, out=tmp_path)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_dit_steps_reduce_loss(tmp_path):
+    pool = ClipPool.render([3], frames=49, width=64, height=64)
+    latents = train_dit.LatentPool.encode(VideoVAE.from_preset("tiny"), pool)
+    assert latents.latents.shape == (1, 16, 7, 2, 2)
+    model = train_dit.new_transformer(preset("tiny"), seed=0)
+    task = train_dit.DiTTask(model, latents, train_dit.NoiseConfig(), batch=2, prompt="a scene", seed=0, device=CPU)
+    before, after = _fit(model, task.loss, steps=12, lr=2e-3, out=tmp_path)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_chunk_timesteps_anchor_clean_and_chunks_constant():
+    chunks = ((0, 4), (4, 7), (7, 10))
+    t = train_dit.chunk_timesteps(torch.Generator().manual_seed(0), 256, chunks, train_dit.NoiseConfig())
+    assert (t[:, 0] == 0).all() and ((t >= 0) & (t <= 1000)).all()
+    for start, end in ((1, 4), *chunks[1:]):
+        assert (t[:, start:end] == t[:, start : start + 1]).all()
+    assert (t[:, -1] > 0).all()  # the last chunk is always noisy
+    teacher = (t[:, 1:7] == 0).all(1)
+    assert 0.3 < teacher.float().mean() < 0.7  # p_clean_history = 0.5
+    on_schedule = torch.isin(t[:, -1], torch.tensor([1000.0, 960.0, 889.0, 727.0]))
+    assert on_schedule.float().mean() > 0.6  # p_schedule = 0.75, plus uniform draws that land on them
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vae")
+    train_vae.main([*SMALL_CLIPS, "--frames", "9", "--window", "9", "--preset", "tiny", "--steps", "1", "--out", str(root / "run"), "--export", str(root / "vae")])
+    return root / "vae"
+
+
+def _dit_args(vae: Path, out: Path, *extra: str) -> list[str]:
+    return [*SMALL_CLIPS, "--frames", "49", "--model", "tiny", "--vae", str(vae), "--steps", "4", "--out", str(out), *extra]
+
+
+def _vae_args(_vae: Path, out: Path, *extra: str) -> list[str]:
+    return [*SMALL_CLIPS, "--frames", "17", "--window", "9", "--preset", "tiny", "--steps", "4", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("script, args", [(train_vae, _vae_args), (train_dit, _dit_args)], ids=["vae", "dit"])
+def test_resume_is_bit_identical(tmp_path, tiny_vae_folder, script, args):
+    script.main(args(tiny_vae_folder, tmp_path / "whole"))
+    script.main(args(tiny_vae_folder, tmp_path / "slots", "--stop-at", "2"))
+    assert torch.load(tmp_path / "slots" / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    script.main(args(tiny_vae_folder, tmp_path / "slots", "--resume"))
+    whole = torch.load(tmp_path / "whole" / CHECKPOINT_NAME, weights_only=True)
+    slots = torch.load(tmp_path / "slots" / CHECKPOINT_NAME, weights_only=True)
+    assert whole["step"] == slots["step"] == 4
+    for name, value in whole["model"].items():
+        assert torch.equal(value, slots["model"][name]), name
+    assert list(read_log(tmp_path / "whole" / LOG_NAME)) == list(read_log(tmp_path / "slots" / LOG_NAME))
+
+
+def test_demo_export_round_trip(tmp_path):
+    train_vae.main(["--clips", "1", "--frames", "9", "--window", "9", "--batch", "1", "--steps", "1", "--out", str(tmp_path / "vae_run"), "--export", str(tmp_path / "vae")])
+    package = tmp_path / "demo"
+    train_dit.main(["--clips", "1", "--frames", "17", "--batch", "1", "--steps", "1", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "dit_run"), "--export", str(package)])
+
+    vae = VideoVAE.from_pretrained(package / "vae", dtype=torch.float32)
+    stored = load_file(str(package / "vae" / train_vae.WEIGHTS_NAME))
+    assert stored["latents_std"].dtype == torch.bfloat16 and vae.latent_channels == 16
+    dit = load_transformer(package / "transformer")
+    assert dataclasses.replace(dit.config, camera_math="nvlabs") == preset("demo")
+
+    engine = build_engine(model="demo", checkpoint=str(package))
+    assert (engine.info.width, engine.info.height) == (256, 160)
+    session = engine.open_session(prompt=train_dit.DEMO_PROMPT)
+    poses = np.repeat(np.eye(4)[None], engine.info.chunk_pixel_frames, axis=0)
+    (result,) = engine.step([ChunkRequest(session, poses)])
+    assert result.frames.shape[1:] == (160, 256, 3) and result.frames.dtype == np.uint8
+
+
+def test_demo_preset_builds_and_fits_the_package_limit():
+    engine = build_engine(model="demo")
+    assert (engine.info.width, engine.info.height) == (256, 160)
+    with torch.device("meta"):
+        dit = SanaWMTransformer(preset("demo"))
+    vae = VideoVAE.from_preset("demo", device="meta").model
+    dit_params, vae_params = (sum(p.numel() for p in m.parameters()) for m in (dit, vae))
+    print(f"demo DiT {dit_params:,} parameters, VAE {vae_params:,}; package {(parameter_bytes(dit) + parameter_bytes(vae)) / 1e6:.1f} MB bf16")
+    assert parameter_bytes(dit) + parameter_bytes(vae) <= PACKAGE_LIMIT_BYTES
