@@ -37,11 +37,12 @@ def pixel_frames_for(latent_frames: int) -> int:
     return VAE_TIME_STRIDE * (latent_frames - 1) + 1
 
 
-def relative_poses(c2w: torch.Tensor) -> torch.Tensor:
-    """Re-express ``(B, F, 4, 4)`` poses relative to frame 0; frame 0 becomes exactly the identity."""
-    first_inv = invert_se3(c2w[:, :1])
-    rel = first_inv @ c2w
-    rel[:, 0] = torch.eye(4, dtype=c2w.dtype, device=c2w.device)
+def relative_poses(c2w: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """Poses of frames ``[start, end)`` of ``(B, F, 4, 4)`` re-expressed relative to frame 0 (which becomes
+    exactly the identity); only the span is computed."""
+    rel = invert_se3(c2w[:, :1]) @ c2w[:, start:end]
+    if start == 0:
+        rel[:, 0] = torch.eye(4, dtype=c2w.dtype, device=c2w.device)
     return rel
 
 
@@ -56,25 +57,29 @@ def invert_se3(m: torch.Tensor) -> torch.Tensor:
 
 
 def camera_inputs(
-    c2w: torch.Tensor, intrinsics: torch.Tensor, latent_frames: int, latent_hw: tuple[int, int]
+    c2w: torch.Tensor, intrinsics: torch.Tensor, latent_frames: int, latent_hw: tuple[int, int], *, first_latent: int = 0
 ) -> CameraInputs:
-    """Build the raymap and Plücker tensors for latent frames ``0 .. latent_frames-1``.
+    """Build the raymap and Plücker tensors for latent frames ``first_latent .. first_latent+latent_frames-1``.
 
     Args:
-        c2w: ``(B, F, 4, 4)`` poses of pixel frames ``0 .. F-1`` with ``F >= 8 (latent_frames - 1) + 1``.
+        c2w: ``(B, F, 4, 4)`` poses of pixel frames ``0 .. F-1`` with ``F >= 8 (first_latent + latent_frames - 1) + 1``;
+            only frame 0 (the reference) and the frames these latents read are used.
         intrinsics: ``(B, F, 4)`` fx, fy, cx, cy in pixels of the decoded video.
         latent_frames: number of latent frames to build.
         latent_hw: latent grid ``(H, W)``; the video is ``(32 H, 32 W)`` pixels.
+        first_latent: the first latent frame to build (a streaming chunk's start).
     """
     batch, num_pixel = c2w.shape[:2]
-    needed = pixel_frames_for(latent_frames)
+    needed = pixel_frames_for(first_latent + latent_frames)
     if c2w.shape[-2:] != (4, 4) or intrinsics.shape[:2] != (batch, num_pixel) or intrinsics.shape[-1] != 4:
         raise ValueError(
             f"c2w must be (B, F, 4, 4) and intrinsics (B, F, 4); got {tuple(c2w.shape)} and {tuple(intrinsics.shape)}"
         )
     if num_pixel < needed:
-        raise ValueError(f"{latent_frames} latent frames need {needed} camera poses; got {num_pixel}")
-    return chunk_camera_inputs(relative_poses(c2w[:, :needed].float()), intrinsics[:, :needed], 0, latent_frames, latent_hw)
+        raise ValueError(f"{first_latent + latent_frames} latent frames need {needed} camera poses; got {num_pixel}")
+    start, end = chunk_pixel_span(first_latent, latent_frames)
+    poses = relative_poses(c2w.float(), start, end)
+    return chunk_camera_inputs(poses, intrinsics[:, start:end], first_latent, latent_frames, latent_hw)
 
 
 def chunk_pixel_span(first_latent: int, latent_frames: int) -> tuple[int, int]:

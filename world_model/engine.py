@@ -34,7 +34,7 @@ from .controls import intrinsics_for
 from .engine_api import ChunkRequest, ChunkResult, EngineError, EngineInfo
 from .sampler import SamplerConfig, sample_chunk
 from .schedule import STREAMING_TIMESTEPS
-from .state import SessionState
+from .state import SessionState, safetensors_metadata
 from .text import HASH_ENCODER_NAME, HashTextEncoder, PromptCache, TextEncoder, text_encoder_for
 from .transformer import SanaWMTransformer
 from .vae import DecoderCache, VideoVAE
@@ -240,8 +240,7 @@ class StreamingEngine:
         """Resume a session exported by ``export_session`` (on this or another engine of the same model)."""
         try:
             tensors = st_load(data)
-            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-            meta = json.loads(header["__metadata__"]["session"])
+            meta = json.loads(safetensors_metadata(data)["session"])
         except Exception as exc:  # any corruption reads as one clear error
             raise EngineError(f"not an exported session: {exc}") from None
         if meta["model"] != self.info.model or meta["size"] != [self.info.width, self.info.height]:
@@ -278,8 +277,12 @@ class StreamingEngine:
 
 
 def _clone_split(state: SessionState) -> list[SessionState]:
-    """Per-session states that own their memory (a view would pin the whole batch)."""
-    return [SessionState.from_tensors({k: v.clone() for k, v in s.tensors().items()}, s.kinds(), s.next_frame) for s in state.split()]
+    """Per-session states that own their memory: a view would pin the whole batch for as long as any one
+    of its sessions waits for its next step. A batch of one already owns its tensors."""
+    parts = state.split()
+    if len(parts) == 1:
+        return parts
+    return [SessionState.from_tensors({k: v.clone() for k, v in s.tensors().items()}, s.kinds(), s.next_frame) for s in parts]
 
 
 def _check_prompt(prompt: str) -> None:

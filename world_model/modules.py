@@ -105,18 +105,32 @@ class RotaryTable(nn.Module):
             self.freqs.append(freqs)
             tables.append(torch.polar(torch.ones(max_len, pairs, device=cpu), torch.outer(pos, freqs)))
         self.tables = tables  # three (max_len, pairs) complex64 tables
+        self._device_tables: dict[torch.device, list[torch.Tensor]] = {}
 
-    def forward(self, frame_positions: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Rotations for tokens ordered (frame, row, column).
+    def _tables_on(self, device: torch.device) -> list[torch.Tensor]:
+        """The tables on ``device``, copied there once."""
+        if device.type == "cpu":
+            return self.tables
+        if device not in self._device_tables:
+            self._device_tables[device] = [tab.to(device) for tab in self.tables]
+        return self._device_tables[device]
 
-        ``frame_positions`` ``(T,)`` gives ``(N, D/2)`` complex; ``(B, T)`` (sessions at different frames in
-        one batch) gives ``(B, 1, N, D/2)``, which broadcasts over heads in :func:`apply_rope`.
+    def forward(self, first_frame: int | tuple[int, ...], frames: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """Rotations for ``frames`` frames from ``first_frame``, tokens ordered (frame, row, column).
+
+        One ``first_frame`` for the batch gives ``(N, D/2)`` complex; one per batch element (sessions at
+        different frames in one batch) gives ``(B, 1, N, D/2)``, which broadcasts over heads in
+        :func:`apply_rope`. The range is checked on the host, so a forward never waits on the device for it.
         """
-        if int(frame_positions.max()) >= self.max_len or int(frame_positions.min()) < 0 or max(height, width) > self.max_len:
+        firsts = first_frame if isinstance(first_frame, tuple) else (first_frame,)
+        if min(firsts) < 0 or max(firsts) + frames > self.max_len or max(height, width) > self.max_len:
             raise ValueError(f"RoPE positions outside the {self.max_len}-entry table; re-base the session's frames")
-        device = frame_positions.device
-        t_tab, h_tab, w_tab = (tab.to(device) for tab in self.tables)
-        lead, frames = frame_positions.shape[:-1], frame_positions.shape[-1]
+        t_tab, h_tab, w_tab = self._tables_on(torch.device(device))
+        if isinstance(first_frame, tuple):
+            frame_positions = torch.arange(frames, device=device) + torch.tensor(first_frame, device=device)[:, None]
+        else:
+            frame_positions = torch.arange(first_frame, first_frame + frames, device=device)
+        lead = frame_positions.shape[:-1]
         grid = (*lead, frames, height, width)
         parts = [
             t_tab[frame_positions].view(*lead, frames, 1, 1, -1).expand(*grid, -1),

@@ -71,7 +71,7 @@ class SessionState:
 
     @classmethod
     def from_bytes(cls, data: bytes, device: str | torch.device = "cpu") -> "SessionState":
-        meta = _metadata(data)
+        meta = safetensors_metadata(data)
         tensors = {k: v.to(device) for k, v in st_load(data).items()}
         frame = json.loads(meta["next_frame"])
         return cls.from_tensors(tensors, json.loads(meta["kinds"]), tuple(frame) if isinstance(frame, list) else frame)
@@ -128,7 +128,8 @@ class SessionState:
         return cls.from_bytes(Path(path).read_bytes(), device)
 
 
-def _metadata(data: bytes) -> dict[str, str]:
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors byte string's JSON header."""
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
     return header.get("__metadata__", {})

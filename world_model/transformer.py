@@ -483,8 +483,7 @@ class SanaWMTransformer(nn.Module):
             raise ValueError(f"a session state is only used in streaming mode, not {mode!r}")
         if start_frame != state.next_frame:
             raise ValueError(f"this state continues at latent frame {state.next_frame}, not {start_frame}")
-        end = start_frame + frames
-        camera = camera_inputs(c2w, intrinsics, end, (height, width)).frames(start_frame, end)
+        camera = camera_inputs(c2w, intrinsics, frames, (height, width), first_latent=start_frame)
         return self.stream_chunk(latents, timestep, text, text_mask, camera, state, write_state=write_state)
 
     def stream_chunk(
@@ -573,9 +572,7 @@ class SanaWMTransformer(nn.Module):
         text_mask = text_mask.to(device=y.device).bool()
         plucker = self.plucker_embedder(camera.plucker.to(device=x.device, dtype=dtype))
 
-        first = torch.as_tensor(layout.first_frame, device=x.device)
-        positions = torch.arange(frames, device=x.device) + first[..., None]  # (T,) or (B, T)
-        rope = self.rope(positions, height, width)
+        rope = self.rope(layout.first_frame, frames, height, width, x.device)
         to_ray = ray_transforms(camera.raymap.to(x.device).float(), (height, width))
         cam = CameraContext(
             to_ray=to_ray,

@@ -177,6 +177,8 @@ class DecoderCache:
         """One cache per session, each owning its memory (the inverse of ``stack``)."""
         if not self.started:
             raise ValueError("a decoder cache that has not decoded its first chunk holds no sessions to split")
+        if self.batch_size == 1:  # already its own
+            return [self]
         return [
             DecoderCache({n: t[i : i + 1].clone() for n, t in self.frames.items()}) for i in range(self.batch_size)
         ]
