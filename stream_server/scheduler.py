@@ -1,4 +1,4 @@
-"""Which sessions the engine steps next, and when: just-in-time, batched, fair under overload.
+"""Which sessions the engine steps next, and when: just-in-time, batched within a latency budget, fair.
 
 Plain Python over ids, times and counters (no tensors, no I/O): the engine loop asks :meth:`Scheduler.plan`
 what to do at ``now``, runs the step, and reports back with :meth:`Scheduler.finish`. Every time is a
@@ -6,37 +6,53 @@ float in seconds on the caller's clock, so tests drive it with a fake one.
 
 Invariant. Each streaming session ``s`` has a playback deadline ``ready_until[s]``: the wall time at
 which its video buffer runs dry (the end of the last frame it has been given). A chunk delivered at
-``t`` extends it to ``max(ready_until, t) + chunk_seconds``; when ``t > ready_until`` the viewer saw
-a stall and the chunk counts as *late*. A session that just joined (or resumed) is due at once (its
-first chunk is not counted as late).
+``t`` extends it to ``max(ready_until, t) + C`` (``C`` = ``chunk_seconds``); when ``t > ready_until``
+the viewer saw a stall and the chunk counts as *late*. A session that just joined (or resumed) is due
+at once (its first chunk is not counted as late). Only a stall moves a deadline later, and nothing
+moves it earlier: sessions keep the phase their first chunk gave them.
 
-Policy, at each decision point while the engine is idle:
+Latency arithmetic (measurements.md). A chunk's camera poses are fixed when its step starts, and its
+first frame is shown when the previous chunk has played out, at the deadline ``d``. An input therefore
+waits for the session's next step start (half the time between starts on average, ``C/2`` at real
+time), then the step's *lead* ``d - start``. For a step of ``b`` sessions that starts just in time the
+lead is ``est(b) + margin``, so input -> frame is about ``C/2 + est(b) + margin`` on average and
+``C + est(b) + margin`` at worst (plus encoding, network and the browser's jitter buffer); a session
+whose deadline is later than its batch leader's waits that much longer. Batching lowers the device
+time per session (a round of ``n`` sessions in batches of ``b`` costs ``ceil(n/b) * est(b)``) but
+raises ``est(b)``. Real time needs the round to fit in a chunk's playback; latency wants ``est(b)``
+small. Hence the policy.
 
-1. Order the waiting sessions by deadline (earliest first; ties by join order). The first is ``s0``.
-2. Batch: ``s0``, then every further session that could not wait for the *next* step, i.e. whose
-   deadline falls before ``finish + est(1) + margin``, where ``finish`` is when this step would end;
-   at most ``max_batch``. Sessions that can wait are left out so that their own chunk starts later,
-   with newer input. (Sessions crowding together thus get batched; staggered ones run alone.)
-3. Start time: as late as possible, ``deadline(s0) - est(len(batch)) - margin``, so the chunk uses
-   the newest input and still arrives before ``s0``'s buffer runs dry. If that is in the future the
-   loop waits (and re-plans when a session joins). If it is already past, the step starts now.
-4. ``est(b)`` is the measured step time for a batch of ``b``: an exponential moving average of the
-   mean plus twice the moving average deviation (as TCP estimates round trips), per batch size;
-   unmeasured sizes borrow from the nearest measured one, scaled up linearly when larger.
+Policy, at each decision point while the engine is idle (``n`` sessions, ``est`` as below):
 
-Overload. When one step for everyone takes longer than a chunk plays, no order keeps every session at
-real time. Deadlines then lie in the past for all of them, step 2 takes every overdue session (up to
-``max_batch``), and earliest-deadline-first means the session served longest ago goes first. So every
-session slows by the same factor, none starves (a left-out session keeps its old deadline and so
-moves to the front), and :meth:`overloaded` tells clients through ``stats``.
+1. Batch cap, the latency budget: among the sizes ``b <= max_batch`` whose round fits,
+   ``ceil(n/b) * est(b) + margin <= C``, take the one with the shortest step ``est(b)`` (ties: the
+   smaller). With a step cost ``a + k*b`` (``a`` fixed, ``k`` per session) that is the smallest batch
+   that keeps everyone at real time: small batches where the per-session cost dominates (CPU), one
+   batch of everyone where the fixed cost dominates (GPU). So that jitter in the estimate does not make
+   the cap flap, the current cap stays while its round fits, unless another one fits with
+   ``2 * margin``.
+2. Groups: the waiting sessions in deadline order (ties by join order); a session due before
+   ``now + est(1) + margin`` is late whatever we do, and counts as due then. Each group is a leader and
+   the sessions due before ``leader + est(cap)``, at most ``cap``: those could not wait for the next
+   step, which may be a full one. Sessions that can wait are left out so that their own chunk starts
+   later, with newer input.
+3. Start: the latest time at which the whole chain of groups, run back to back, finishes each group
+   ``margin`` before its leader's deadline using each group's own ``est``. Backwards: a group must end
+   by ``min(leader deadline - margin, start of the next group)`` and starts ``est(size)`` before that.
+   The plan is the first group at that time (or now, if it is past); the loop waits until then (and
+   re-plans when a session joins or leaves).
+4. ``est(b)`` is the cautious step time for a batch of ``b``: the moving average for that size times
+   ``1 + 2 * dev``, ``dev`` being the moving average of the relative deviation of steps from their
+   size's mean (as TCP estimates round trips, shared by all sizes since jitter belongs to the machine).
+   Unmeasured sizes lie on the line through the nearest measured ones, continued past the ends (never
+   decreasing, nor below proportional scaling); with a single measured size, half of its cost is
+   assumed fixed. Before any measurement every size costs the prior.
 
-Latency arithmetic (measurements.md). A chunk's camera poses are fixed when its step starts, so an
-input waits for the session's next step start (on average half a chunk period, ``chunk_seconds/2``,
-when the session runs at real time), then for the step (``est(b)``), then for the chunk's first frame
-to be shown, ``margin`` later by construction. Input -> first changed frame is therefore about
-``chunk_seconds/2 + est(b) + margin`` on average and ``chunk_seconds + est(b) + margin`` at worst,
-plus encoding, network and the browser's jitter buffer. Batching lowers the GPU cost per session but
-raises ``est(b)``; step 2 batches only sessions whose deadlines crowd, which keeps ``est(b)`` small.
+Overload. When no cap fits (even the best batching needs more device time per round than a chunk
+plays), the cap is the size with the shortest round (ties: the larger), deadlines lie in the past, all
+overdue sessions count as equally due, and earliest-deadline-first serves the one served longest ago
+first. So every session slows by the same factor, none starves (a left-out session keeps its old
+deadline and so moves to the front), and :meth:`overloaded` tells clients through ``stats``.
 """
 
 from __future__ import annotations
@@ -44,43 +60,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
-class _Estimate:
-    mean: float
-    dev: float
-
-
 class StepTimeEstimator:
-    """Step duration per batch size: EMA of the mean and of the absolute deviation."""
+    """Step duration per batch size: a moving-average mean per measured size, one relative deviation."""
 
     def __init__(self, prior_seconds: float, alpha: float = 0.2, beta: float = 0.25) -> None:
         self.prior_seconds = prior_seconds  # used until any step has been measured
-        self.alpha = alpha  # weight of a new sample in the mean
-        self.beta = beta  # weight of a new sample in the deviation
-        self._by_size: dict[int, _Estimate] = {}
+        self.alpha = alpha  # weight of a new sample in its size's mean
+        self.beta = beta  # weight of a new sample in the relative deviation
+        self._mean: dict[int, float] = {}  # batch size -> moving average of its step seconds
+        self.deviation = 0.0  # moving average of |sample - mean| / mean, over all sizes
 
     def record(self, batch_size: int, seconds: float) -> None:
-        est = self._by_size.get(batch_size)
-        if est is None:
-            self._by_size[batch_size] = _Estimate(mean=seconds, dev=seconds / 4)
+        mean = self._mean.get(batch_size)
+        if mean is None:
+            self._mean[batch_size] = seconds
             return
-        est.dev += self.beta * (abs(seconds - est.mean) - est.dev)
-        est.mean += self.alpha * (seconds - est.mean)
+        self.deviation += self.beta * (abs(seconds - mean) / mean - self.deviation)
+        self._mean[batch_size] = mean + self.alpha * (seconds - mean)
+
+    def mean(self, batch_size: int) -> float:
+        """The expected step time: measured, or on the line through the nearest measured sizes."""
+        if not self._mean:
+            return self.prior_seconds
+        if batch_size in self._mean:
+            return self._mean[batch_size]
+        points = sorted(self._mean.items())
+        if len(points) == 1:  # one measured size: assume half of its cost is fixed
+            points.insert(0, (0, points[0][1] / 2))
+        segments = list(zip(points, points[1:]))
+        (b1, m1), (b2, m2) = next((seg for seg in segments if batch_size < seg[1][0]), segments[-1])
+        slope = (m2 - m1) / (b2 - b1)
+        if batch_size > b2:  # past the largest: never cheaper than it
+            return m2 + max(slope, 0.0) * (batch_size - b2)
+        if batch_size < b1:  # below the smallest: no cheaper per session than it
+            return max(m1 - max(slope, 0.0) * (b1 - batch_size), m1 * batch_size / b1)
+        return m1 + slope * (batch_size - b1)
 
     def __call__(self, batch_size: int) -> float:
-        """A cautious step time for ``batch_size``: mean + 2 deviations, borrowed when unmeasured."""
-        if not self._by_size:
-            return self.prior_seconds
-        est = self._by_size.get(batch_size)
-        if est is not None:
-            return est.mean + 2 * est.dev
-        larger = [b for b in self._by_size if b > batch_size]
-        if larger:  # a smaller batch costs at most what the nearest larger one costs
-            near = self._by_size[min(larger)]
-            return near.mean + 2 * near.dev
-        size = max(self._by_size)  # larger than anything measured: assume cost grows linearly
-        near = self._by_size[size]
-        return (near.mean + 2 * near.dev) * batch_size / size
+        """A cautious step time for ``batch_size``: the mean plus two deviations."""
+        return self.mean(batch_size) * (1 + 2 * self.deviation)
 
 
 @dataclass(frozen=True)
@@ -95,7 +113,7 @@ class _Entry:
     ready_until: float  # wall time at which the session's buffer runs dry
     late_chunks: int = 0
     last_delivery: float | None = None
-    speed: float = 1.0  # EMA of chunk_seconds / time between deliveries (1.0 = real time)
+    speed: float = 1.0  # EMA of chunk_seconds / (chunk_seconds + stall before it) (1.0 = real time)
 
 
 class Scheduler:
@@ -111,6 +129,7 @@ class Scheduler:
         self._entries: dict[str, _Entry] = {}
         self._joined = 0
         self._in_flight: tuple[str, ...] = ()
+        self._cap: int | None = None  # the batch cap last chosen (kept while it still fits)
         self.last_step_seconds: float | None = None
 
     # -- membership -------------------------------------------------------------------------------
@@ -135,23 +154,46 @@ class Scheduler:
         ids = [sid for sid in self._entries if sid not in busy]
         return sorted(ids, key=lambda sid: (self._entries[sid].ready_until, self._entries[sid].order))
 
+    def _round_seconds(self, batch: int) -> float:
+        """Device time for one chunk of every session in batches of at most ``batch``."""
+        return -(-len(self._entries) // batch) * self.estimate(batch)
+
+    def _fits(self, batch: int, slack: float) -> bool:
+        return self._round_seconds(batch) + slack <= self.chunk_seconds
+
+    def batch_cap(self) -> int:
+        """The latency budget (module docstring, step 1); remembers its choice for the hysteresis."""
+        sizes = range(1, max(1, min(len(self._entries), self.max_batch)) + 1)
+        fits = [b for b in sizes if self._fits(b, self.margin)]
+        if not fits:  # overloaded: the shortest round, i.e. the most sessions per second (ties: larger)
+            self._cap = min(sizes, key=lambda b: (round(self._round_seconds(b), 9), -b))
+            return self._cap
+        if self._cap in fits:  # a change by choice must fit with twice the margin
+            fits = [b for b in fits if b == self._cap or self._fits(b, 2 * self.margin)]
+        self._cap = min(fits, key=lambda b: (self.estimate(b), b))
+        return self._cap
+
     def plan(self, now: float) -> Plan | None:
         """What to run next (see the module docstring); None when no session is waiting."""
         waiting = self._waiting()
         if not waiting:
             return None
+        cap = self.batch_cap()
         deadlines = [self._entries[sid].ready_until for sid in waiting]
-        size = 1
-        while True:  # grow the batch until it is stable; est() grows with size, so this terminates
-            start = max(now, deadlines[0] - self.estimate(size) - self.margin)
-            finish = start + self.estimate(size)
-            cutoff = finish + self.estimate(1) + self.margin
-            needed = sum(1 for d in deadlines if d < cutoff)
-            new_size = max(1, min(self.max_batch, needed))
-            if new_size <= size:
-                break
-            size = new_size
-        return Plan(start_at=start, batch=tuple(waiting[:size]))
+        overdue = now + self.estimate(1) + self.margin  # due before this: late whatever we do
+        due = [max(d, overdue) for d in deadlines]
+        groups: list[tuple[int, int]] = []  # (index of the leader in waiting, size)
+        first = 0
+        while first < len(waiting):
+            end = first + 1
+            while end < len(waiting) and end - first < cap and due[end] < due[first] + self.estimate(cap):
+                end += 1
+            groups.append((first, end - first))
+            first = end
+        start = float("inf")  # the chain backwards: each group ends by its leader's deadline - margin
+        for leader, size in reversed(groups):
+            start = min(deadlines[leader] - self.margin, start) - self.estimate(size)
+        return Plan(start_at=max(now, start), batch=tuple(waiting[:groups[0][1]]))
 
     def start(self, batch: tuple[str, ...]) -> None:
         """The loop started a step for ``batch``; these sessions are not planned again until it ends."""
@@ -170,10 +212,10 @@ class Scheduler:
                 continue
             late[sid] = now > entry.ready_until and entry.last_delivery is not None  # the first is due at once
             entry.late_chunks += late[sid]
+            if entry.last_delivery is not None:  # a chunk played over its own length plus the stall before it
+                stall = max(now - entry.ready_until, 0.0)
+                entry.speed += 0.3 * (self.chunk_seconds / (self.chunk_seconds + stall) - entry.speed)
             entry.ready_until = max(entry.ready_until, now) + self.chunk_seconds
-            if entry.last_delivery is not None:
-                gap = max(now - entry.last_delivery, 1e-9)
-                entry.speed += 0.3 * (min(self.chunk_seconds / gap, 1.0) - entry.speed)
             entry.last_delivery = now
         return late
 
@@ -202,9 +244,6 @@ class Scheduler:
         return 1.0 if entry is None else entry.speed
 
     def overloaded(self) -> bool:
-        """True when even one step for every session (as batched as allowed) outlasts a chunk's playback."""
+        """True when no batch cap keeps a round of every session within a chunk's playback (and margin)."""
         n = len(self._entries)
-        if n == 0:
-            return False
-        steps = -(-n // self.max_batch)  # ceil: steps needed per round
-        return steps * self.estimate(min(n, self.max_batch)) + self.margin > self.chunk_seconds
+        return n > 0 and not any(self._fits(b, self.margin) for b in range(1, min(n, self.max_batch) + 1))

@@ -164,8 +164,17 @@ async def test_two_sessions_share_engine_steps(tiny_engine, step_log, monkeypatc
 
     WebRTC connections complete at slightly different moments, and the scheduler deliberately runs
     staggered sessions alone, so the test holds the first ``attach`` until the second connects: both
-    then join the engine loop at the same instant, as concurrent sessions crowding together do.
+    then join the engine loop at the same instant, as concurrent sessions crowding together do. The
+    scheduler also runs sessions alone whenever single steps keep real time (the CPU case), so every
+    step here first waits 0.8 s, as a GPU's fixed cost per step: two steps of one no longer fit a chunk.
     """
+    step = tiny_engine.step
+
+    def slow_step(requests):
+        time.sleep(0.8)
+        return step(requests)
+
+    monkeypatch.setattr(tiny_engine, "step", slow_step)
     async with serving(tiny_engine) as (url, parts), StreamClient(url) as client:
         joining = []
         attach = parts.loop.attach

@@ -1,6 +1,12 @@
-"""The scheduling policy on a fake clock: just-in-time starts, batching, fairness, joining mid-run."""
+"""The scheduling policy on a fake clock: just-in-time starts, a latency budget on batching, fairness,
+joining mid-run, and the two regimes of step cost (per-session cost dominates: CPU; fixed cost: GPU)."""
 
 from __future__ import annotations
+
+import bisect
+import random
+import statistics
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -10,29 +16,77 @@ CHUNK = 1.5  # seconds of video per chunk (24 frames at 16 fps)
 MARGIN = 0.1
 
 
-class FixedCost:
-    """A step-time model for the simulation: ``base + per_session * batch``."""
+class StepCost:
+    """A step-time model for the simulation: ``base + per_session * batch``, optionally with uniform
+    relative jitter of +-``jitter`` (seeded, so runs repeat)."""
 
-    def __init__(self, base: float, per_session: float) -> None:
-        self.base, self.per_session = base, per_session
+    def __init__(self, base: float, per_session: float, jitter: float = 0.0, seed: int = 0) -> None:
+        self.base, self.per_session, self.jitter = base, per_session, jitter
+        self._rng = random.Random(seed)
+
+    def mean(self, batch: int) -> float:
+        return self.base + self.per_session * batch
 
     def __call__(self, batch: int) -> float:
-        return self.base + self.per_session * batch
+        return self.mean(batch) * (1 + self.jitter * (2 * self._rng.random() - 1))
+
+
+CPU_LIKE = (0.15, 0.1)  # a round of 8 sessions: 8 singles 2.0 s, 4 pairs 1.4 s, one batch of 8 0.95 s
+GPU_LIKE = (0.6, 0.05)  # batching nearly free: 8 singles 5.2 s, one batch of 8 1.0 s, of 16 1.4 s
 
 
 def make(max_batch: int = 8) -> Scheduler:
     return Scheduler(chunk_seconds=CHUNK, max_batch=max_batch, margin_seconds=MARGIN, estimator=StepTimeEstimator(0.3))
 
 
-def simulate(sched: Scheduler, cost: FixedCost, until: float, joins: dict[str, float] | None = None):
-    """Run the loop of stream_server.loop on a fake clock; returns (steps, deliveries per session).
+@dataclass(frozen=True)
+class Step:
+    start: float
+    finish: float
+    batch: tuple[str, ...]
+    due: float  # the earliest deadline in the batch when it started
 
-    ``steps``: (start, finish, batch); joins: session id -> time it joins.
-    """
+
+@dataclass
+class Run:
+    """What a simulated viewer saw."""
+
+    steps: list[Step] = field(default_factory=list)
+    delivered: dict[str, list[float]] = field(default_factory=dict)  # session -> delivery times
+    shown: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # session -> (step start, chunk shown)
+    late: list[tuple[float, str]] = field(default_factory=list)  # (delivery time, session) of each stall
+
+    def late_after(self, t: float) -> int:
+        return sum(1 for at, _ in self.late if at > t)
+
+    def sizes_after(self, t: float) -> list[int]:
+        return [len(s.batch) for s in self.steps if s.start > t]
+
+    def leads_after(self, t: float) -> list[float]:
+        """Per chunk: its step start (the newest input it can use) -> its first frame on screen."""
+        return [shown - start for chunks in self.shown.values() for start, shown in chunks if start > t]
+
+    def input_latency(self, since: float, until: float) -> tuple[float, float]:
+        """p50 and p95 of input -> first frame that uses it, for inputs every 10 ms in [since, until):
+        an input is used by the first chunk of its session whose step starts at or after it."""
+        latencies = []
+        for chunks in self.shown.values():
+            starts = [start for start, _ in chunks]
+            for i in range(int((until - since) * 100)):
+                t = since + i / 100
+                k = bisect.bisect_left(starts, t)
+                if k < len(chunks):
+                    latencies.append(chunks[k][1] - t)
+        p = statistics.quantiles(latencies, n=20)
+        return statistics.median(latencies), p[18]
+
+
+def simulate(sched: Scheduler, cost: StepCost, until: float, joins: dict[str, float] | None = None) -> Run:
+    """Run the loop of stream_server.loop on a fake clock; ``joins``: session id -> time it joins."""
     joins = dict(joins or {})
     now = 0.0
-    steps: list[tuple[float, float, tuple[str, ...]]] = []
-    delivered: dict[str, list[float]] = {sid: [] for sid in joins}
+    run = Run(delivered={sid: [] for sid in joins}, shown={sid: [] for sid in joins})
+    buffer_end: dict[str, float] = {}
     while now < until:
         for sid, at in list(joins.items()):
             if at <= now:
@@ -43,26 +97,75 @@ def simulate(sched: Scheduler, cost: FixedCost, until: float, joins: dict[str, f
         if plan is None or plan.start_at > now:
             now = min(next_join, plan.start_at if plan else float("inf"), until)
             continue
+        due = min(now + sched.buffered_seconds(sid, now) for sid in plan.batch)
         sched.start(plan.batch)
         finish = now + cost(len(plan.batch))
-        sched.finish(plan.batch, now, finish)
-        steps.append((now, finish, plan.batch))
+        late = sched.finish(plan.batch, now, finish)
+        run.steps.append(Step(now, finish, plan.batch, due))
         for sid in plan.batch:
-            delivered[sid].append(finish)
+            run.delivered[sid].append(finish)
+            shown = max(buffer_end.get(sid, finish), finish)  # after the chunk before it has played
+            buffer_end[sid] = shown + CHUNK
+            run.shown[sid].append((now, shown))
+            if late[sid]:
+                run.late.append((finish, sid))
         now = finish
-    return steps, delivered
+    return run
 
 
-def test_estimator_borrows_and_extrapolates():
+def staggered(n: int) -> dict[str, float]:
+    return {f"s{i}": i * CHUNK / n for i in range(n)}
+
+
+def together(n: int) -> dict[str, float]:
+    return {f"s{i}": 0.0 for i in range(n)}
+
+
+def test_estimator_interpolates_and_extrapolates():
     est = StepTimeEstimator(prior_seconds=0.7)
     assert est(3) == 0.7  # nothing measured: the prior
     for _ in range(50):
         est.record(2, 0.4)
     assert est(2) == pytest.approx(0.4, abs=1e-3)  # steady samples: the deviation decays
-    assert est(1) == pytest.approx(est(2))  # smaller: at most the nearest larger size
-    assert est(4) == pytest.approx(2 * est(2))  # larger: linear in the batch size
+    # One measured size: half of its cost is taken as fixed.
+    assert est(1) == pytest.approx(0.3, abs=1e-3) and est(4) == pytest.approx(0.6, abs=1e-3)
+    est.record(8, 1.0)  # two sizes: the line through them (0.2 + 0.1 * b), continued past the ends
+    assert [round(est(b), 3) for b in (1, 2, 5, 8, 10)] == [0.3, 0.4, 0.7, 1.0, 1.2]
     est.record(2, 1.0)  # an outlier raises the estimate by more than its share of the mean
     assert est(2) > 0.4 + 0.2 * 0.6
+
+
+def test_estimator_extrapolation_never_gets_cheaper():
+    est = StepTimeEstimator(prior_seconds=0.5)
+    est.record(4, 0.8)
+    est.record(8, 0.7)  # noise: the larger batch measured faster
+    assert est(12) == pytest.approx(0.7) and est(6) == pytest.approx(0.75)
+    assert est(1) == pytest.approx(0.8)  # below the smallest: flat, as the slope is negative
+    est = StepTimeEstimator(prior_seconds=0.5)
+    est.record(4, 0.4)
+    est.record(5, 0.9)  # a steep slope would go negative at 1; proportional scaling is the floor
+    assert est(1) == pytest.approx(0.1)
+
+
+def test_batch_cap_is_the_shortest_step_that_keeps_everyone_real_time():
+    def cap_for(base: float, per_session: float, n: int) -> int:
+        sched = make(max_batch=16)
+        for b in (1, 4):
+            sched.estimate.record(b, base + per_session * b)
+        for i in range(n):
+            sched.add(f"s{i}", 0.0)
+        return sched.batch_cap()
+
+    assert cap_for(0.1, 0.1, 8) == 2  # CPU: 8 singles need 1.6 s per 1.5 s chunk, 4 pairs 1.2 s
+    assert cap_for(0.1, 0.1, 4) == 1  # 4 singles fit: the shortest step wins
+    assert cap_for(0.6, 0.05, 8) == 8  # GPU: only one batch of everyone fits (1.0 s)
+    assert cap_for(0.6, 0.05, 2) == 1  # two singles still fit (1.3 s)
+    sched = make(max_batch=16)
+    sched.estimate.record(1, 0.3)
+    sched.estimate.record(4, 1.2)
+    for i in range(8):
+        sched.add(f"s{i}", 0.0)
+    assert sched.overloaded() and sched.batch_cap() == 8  # nothing fits: the largest of equal throughputs
 
 
 def test_new_session_starts_at_once_then_just_in_time():
@@ -81,49 +184,111 @@ def test_new_session_starts_at_once_then_just_in_time():
 
 def test_steady_single_session_never_stalls_and_waits_half_a_chunk():
     sched = make()
-    steps, delivered = simulate(sched, FixedCost(0.2, 0.1), until=60.0, joins={"a": 0.0})
+    run = simulate(sched, StepCost(0.2, 0.1), until=60.0, joins={"a": 0.0})
     assert sched.late_chunks("a") == 0
-    gaps = [b - a for a, b in zip(delivered["a"], delivered["a"][1:])]
+    gaps = [b - a for a, b in zip(run.delivered["a"], run.delivered["a"][1:])]
     assert all(g == pytest.approx(CHUNK, abs=0.05) for g in gaps[3:])  # real time, one chunk per period
     # Just in time: each chunk arrives shortly before the buffer runs dry, not a chunk early.
-    start, finish, _ = steps[-1]
-    assert sched.buffered_seconds("a", finish) < CHUNK + MARGIN + 0.05
+    assert sched.buffered_seconds("a", run.steps[-1].finish) < CHUNK + MARGIN + 0.05
+    p50, p95 = run.input_latency(10.0, 50.0)  # ~ C/2 + est(1) + margin, worst C + est(1) + margin
+    assert p50 == pytest.approx(CHUNK / 2 + 0.3 + MARGIN, abs=0.05) and p95 < CHUNK + 0.3 + MARGIN
 
 
-def test_staggered_sessions_run_alone_crowded_ones_batch():
+@pytest.mark.parametrize("joins", [{"a": 0.0, "b": 0.75}, {"a": 0.0, "b": 0.0}], ids=["staggered", "together"])
+def test_sessions_run_alone_while_singles_keep_up(joins):
+    # Two singles cost 0.6 s per 1.5 s chunk: each session gets its own, shortest step.
     sched = make()
-    # Staggered by half a chunk: each has time for its own step, so batches stay at 1.
-    steps, _ = simulate(sched, FixedCost(0.2, 0.1), until=30.0, joins={"a": 0.0, "b": 0.75})
-    assert {len(batch) for _, _, batch in steps[4:]} == {1}
-    # Joining together: both are due at once and share every step.
+    run = simulate(sched, StepCost(0.2, 0.1), until=30.0, joins=joins)
+    assert set(run.sizes_after(0.0)) == {1} and not run.late
+
+
+def test_crowded_sessions_share_steps_when_singles_cannot_keep_up():
+    # Batching nearly free (GPU): 4 singles need 3.0 s per chunk, one step for all 0.9 s.
     sched = make()
-    steps, _ = simulate(sched, FixedCost(0.2, 0.1), until=30.0, joins={"a": 0.0, "b": 0.0})
-    assert all(set(batch) == {"a", "b"} for _, _, batch in steps)
+    run = simulate(sched, StepCost(0.7, 0.05), until=30.0, joins=together(4))
+    assert set(run.sizes_after(3.0)) == {4} and not run.late
 
 
 def test_session_joining_mid_run_is_served_next_without_starving_others():
     sched = make()
-    steps, delivered = simulate(sched, FixedCost(0.2, 0.1), until=30.0, joins={"a": 0.0, "b": 0.0, "c": 10.0})
-    first_c = next(start for start, _, batch in steps if "c" in batch)
+    run = simulate(sched, StepCost(0.2, 0.1), until=30.0, joins={"a": 0.0, "b": 0.0, "c": 10.0})
+    first_c = next(s.start for s in run.steps if "c" in s.batch)
     assert 10.0 <= first_c < 10.0 + 0.4  # at most one step in flight ahead of it
-    assert delivered["c"][0] < 10.7
+    assert run.delivered["c"][0] < 10.7
     assert sched.late_chunks("a") == sched.late_chunks("b") == 0
 
 
-def test_overload_slows_everyone_equally_and_starves_no_one():
-    # Four sessions, but the GPU takes 0.6 s per session-chunk with batches of at most 2:
-    # a round costs 2.4 s for 1.5 s of video, so everyone runs at ~0.6x real time.
-    sched = make(max_batch=2)
-    cost = FixedCost(0.0, 0.6)
-    steps, delivered = simulate(sched, cost, until=120.0, joins={s: 0.0 for s in "abcd"})
-    assert sched.overloaded()
-    counts = {sid: len(times) for sid, times in delivered.items()}
+def test_margin_is_kept_at_the_deadline():
+    """Eight sessions spread over a chunk, CPU-like cost (a round of pairs takes 1.4 s of each 1.5 s).
+    Every step must end ``margin`` before the earliest deadline of its batch, with the batch's own cost
+    and the cost of the steps queued behind it accounted for: no chunk may arrive on an empty buffer
+    (the old policy settled into steps of 2 and 6 delivering exactly on the deadline, ~5 stalls/s)."""
+    sched = make()
+    run = simulate(sched, StepCost(*CPU_LIKE), until=110.0, joins=staggered(8))
+    assert run.late_after(10.0) == 0
+    assert all(s.finish <= s.due - MARGIN + 1e-9 for s in run.steps if s.start > 10.0)
+    # Latency stays bounded: a chunk starts at most est(3) + margin + est(3) (the spread of deadlines
+    # in its group) = 1.0 s before it shows.
+    assert max(run.leads_after(10.0)) <= 1.0 + 1e-9
+    for times in run.delivered.values():  # real time
+        assert len(times) >= 110.0 / CHUNK - 3
+
+
+@pytest.mark.parametrize("joins", [staggered(8), together(8)], ids=["staggered", "together"])
+def test_cpu_like_cost_serves_small_batches_for_latency(joins):
+    """Per-session cost dominates: one batch of 8 takes 0.95 s and delays every chunk's input by that
+    much (input -> frame p50 1.8 s when all joined together under the old policy); batches of 2-3 keep
+    everyone at real time with 0.35-0.45 s steps."""
+    sched = make()
+    run = simulate(sched, StepCost(*CPU_LIKE), until=110.0, joins=joins)
+    assert max(run.sizes_after(10.0)) <= 3
+    assert run.late_after(10.0) == 0 and not sched.overloaded()
+    p50, p95 = run.input_latency(10.0, 100.0)
+    assert p50 < 1.45 and p95 < 2.2
+    assert all(sched.speed(sid) == pytest.approx(1.0) for sid in joins)
+
+
+@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("pattern", [staggered, together])
+def test_gpu_like_cost_still_merges_everyone(n, pattern):
+    """Fixed cost dominates: no split into two batches fits in a chunk, so all sessions share each step."""
+    sched = make(max_batch=n)
+    run = simulate(sched, StepCost(*GPU_LIKE), until=110.0, joins=pattern(n))
+    assert set(run.sizes_after(10.0)) == {n}
+    assert run.late_after(10.0) == 0
+    p50, p95 = run.input_latency(10.0, 100.0)
+    assert p95 < CHUNK + StepCost(*GPU_LIKE).mean(n) + MARGIN + 0.8  # worst wait + step + margin + phase spread
+    assert all(sched.speed(sid) == pytest.approx(1.0) for sid in pattern(n))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_jittery_steps_keep_everyone_on_time(seed):
+    """Steps vary by +-10%: the deviation term and the hysteresis on the batch cap keep the chain of
+    steps feasible, so after warm-up no chunk stalls."""
+    sched = make()
+    run = simulate(sched, StepCost(*CPU_LIKE, jitter=0.1, seed=seed), until=110.0, joins=staggered(8))
+    assert run.late_after(10.0) == 0
+
+
+@pytest.mark.parametrize(
+    ("n", "max_batch", "cost"),
+    [(4, 2, StepCost(0.0, 0.6)), (16, 16, StepCost(*CPU_LIKE)), (24, 24, StepCost(*GPU_LIKE))],
+    ids=["4-sessions-batches-of-2", "cpu-like-16", "gpu-like-24"],
+)
+def test_overload_slows_everyone_equally_and_starves_no_one(n, max_batch, cost):
+    # No batching keeps a round within a chunk; e.g. 4 sessions at 0.6 s per session-chunk with batches
+    # of at most 2: a round costs 2.4 s for 1.5 s of video, so everyone runs at ~0.6x real time.
+    sched = make(max_batch=max_batch)
+    run = simulate(sched, cost, until=120.0, joins=together(n))
+    round_seconds = min(-(-n // b) * cost.mean(b) for b in range(1, max_batch + 1))
+    assert round_seconds > CHUNK and sched.overloaded()
+    counts = {sid: len(times) for sid, times in run.delivered.items()}
     assert max(counts.values()) - min(counts.values()) <= 1  # equal shares
-    for sid, times in delivered.items():
+    for sid, times in run.delivered.items():
         longest_gap = max(b - a for a, b in zip(times, times[1:]))
-        assert longest_gap <= 2 * cost(2) + 1e-9  # never skipped for more than a round
-        assert sched.speed(sid) == pytest.approx(CHUNK / (2 * cost(2)), rel=0.1)
-    assert all(len(batch) == 2 for _, _, batch in steps)  # overdue sessions fill the batch
+        assert longest_gap <= round_seconds + 1e-9  # never skipped for more than a round
+        assert sched.speed(sid) == pytest.approx(CHUNK / round_seconds, rel=0.1)
+    assert set(run.sizes_after(0.0)) == {max_batch}  # overdue sessions fill the batch
 
 
 def test_underload_is_not_overloaded_and_queue_positions_follow_deadlines():
@@ -145,10 +310,10 @@ def test_staggered_load_keeps_batches_small_and_everyone_on_time():
     for all eight would take 0.82 s and delay every chunk's input by that much; the policy serves them in
     small batches instead, and no chunk is late."""
     sched = make()
-    joins = {f"s{i}": i * CHUNK / 8 for i in range(8)}
-    steps, delivered = simulate(sched, FixedCost(0.02, 0.1), until=60.0, joins=joins)
-    later = [len(batch) for start, _, batch in steps if start > 10.0]
+    joins = staggered(8)
+    run = simulate(sched, StepCost(0.02, 0.1), until=60.0, joins=joins)
+    later = run.sizes_after(10.0)
     assert sum(later) / len(later) <= 2.0 and max(later) < 8
     assert all(sched.late_chunks(sid) == 0 for sid in joins)
-    for times in delivered.values():  # real time: one chunk per 1.5 s after the start
+    for times in run.delivered.values():  # real time: one chunk per 1.5 s after the start
         assert len(times) >= 60.0 / CHUNK - 3
