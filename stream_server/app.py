@@ -20,9 +20,10 @@ from .config import ServerConfig
 from .jobs import JobQueue
 from .loop import EngineLoop
 from .metrics import ServerMetrics
-from .recording import Recorder, RecordingStore
+from .recording import Recorder, RecordingStore, recover_recordings
 from .replays import Replays, Retention, run_retention
 from .rtc import configure_bitrates, offer_handler_factory
+from .scenes import SceneCatalog
 from .scheduler import Scheduler, StepTimeEstimator
 from .sessions import EndHook, SessionRegistry
 
@@ -51,13 +52,15 @@ class ServerParts:
         self.registry = SessionRegistry(config, self.loop, self.metrics, fps=info.fps, chunk_frames=info.chunk_pixel_frames)
         self.loop.on_failure = self.registry.end
         answer = offer_handler_factory(self.registry, self.metrics, fps=info.fps, ice_servers=config.ice_servers)
-        self.api = Api(config, info, self.registry, self.loop, self.metrics, answer)
+        self.scenes = SceneCatalog(info.width, info.height)
+        self.api = Api(config, info, self.registry, self.loop, self.metrics, answer, self.scenes)
         self.jobs: JobQueue | None = None
         self.recorder: Recorder | None = None
         self.replays: Replays | None = None
         if config.data_dir is not None:  # record sessions and serve their replays
             store = RecordingStore(config.data_dir)
             self.jobs = jobs = JobQueue(config.data_dir)
+            recover_recordings(store, jobs)  # recordings a killed server left open; before any session records
             self.recorder = Recorder(store, info, jobs.enqueue)
             self.loop.on_chunk = self.recorder.chunk
             self.registry.end_hooks.append(self.recorder.end)

@@ -3,24 +3,37 @@
 One folder per session that produced at least one chunk::
 
     meta.json         what the session was: model, size, fps, seed, times, prompt changes (with the chunk
-                      index they took effect at), the token's SHA-256 (never the token), file layout
+                      and the first latent frame they took effect at), the token's SHA-256 (never the
+                      token), file layout
     start.png         the start image as uploaded (absent when none was given)
-    chunks.jsonl      one line per chunk, appended: frames, timing, the input that drove it, a new prompt
+    chunks.jsonl      one line per chunk, appended: frames, latent frames (and the first one's index),
+                      timing, the input that drove it, a new prompt
     poses.f64         per-frame camera-to-world poses, appended: raw float64 (frames, 4, 4)
     latents.f16       the clean Stage-1 latents, appended: raw float16 (T, C, h, w), one latent frame after
                       another, so that a memory map reads the whole session without holding it
-    preview.mp4.part  the live-quality H.264 video of the delivered frames while the session runs;
-                      renamed to preview.mp4 once the encoder is flushed and closed at the end
+    preview.mp4.part  the live-quality H.264 video of the delivered frames while the session runs, as a
+                      fragmented MP4 (a fragment per keyframe, one at a chunk start about every second, each
+                      flushed to the file when complete); renamed to preview.mp4 once the encoder is flushed
+                      and closed at the end
 
 All file writing and H.264 encoding happen on one writer thread per session, fed through a short queue,
 so the event loop never waits on the disk or the encoder and nothing of a long session stays in memory.
-Every chunk is written whole (video, latents, poses, line) by that one thread, so the files always agree
-on how many chunks were recorded.
+Every chunk is written whole (video, latents, poses, line) by that one thread, so the files agree on how
+many chunks were recorded, except for a crash's loose ends: the encoder and the muxer hold the newest
+frames until the next fragment is complete, and a killed process leaves a partial line, pose or latent.
+
+``meta.json`` with ``ended_at`` and ``frames`` set is the mark of a finished recording. A server killed
+mid-session (SIGKILL, power loss) leaves folders without it; :func:`recover_recordings`, run by the server
+at start before any session records, finishes them: it keeps the chunks that every file holds whole
+(the preview's complete fragments included), cuts the rest, marks the recording ended with reason
+``recovered`` and queues it for refinement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import errno
 import hashlib
 import json
@@ -33,7 +46,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -41,11 +54,20 @@ from world_model.engine_api import ChunkResult, EngineInfo
 
 from .sessions import ChunkInput, Session, SessionRecord
 
+if TYPE_CHECKING:
+    from .jobs import JobQueue
+
 log = logging.getLogger(__name__)
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")  # what a session id may look like (token_urlsafe)
 MAX_QUEUED_CHUNKS = 8  # chunks waiting for a writer thread before the engine loop waits for it
 PREVIEW_OPTIONS = {"crf": "23", "preset": "veryfast"}  # live quality, cheap to encode
+# The live preview's encoder makes keyframes (IDR) only where the writer asks for them, at chunk starts, and
+# its muxer writes a fragment per keyframe and flushes it to the file: a crash leaves whole chunks playable.
+PREVIEW_KEYFRAMES = {"forced-idr": "1", "x264-params": "keyint=infinite:scenecut=0"}
+PREVIEW_MUXER = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
+KEYFRAME_SECONDS = 1.0  # at least this much video between two keyframes (the first frame of a chunk)
+POSE_BYTES = 16 * 8  # one float64 4x4 pose
 
 
 def token_hash(token: str) -> str:
@@ -66,6 +88,22 @@ def write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def prompt_schedule(meta: dict[str, Any]) -> list[tuple[int, str]]:
+    """A recording's prompts as ``[(first latent frame, prompt)]`` (what the refiner conditions on) from the
+    prompt changes in its ``meta.json``."""
+    changes = meta.get("prompts") or []
+    if not changes:
+        raise ValueError("the recording has no prompt")
+    schedule: dict[int, str] = {}
+    for change in changes:
+        frame = change.get("latent_frame")
+        if frame is None:  # recorded before latent_frame was: chunk 0 holds 1 + n latent frames, later ones n
+            per_chunk = (meta["latents"]["frames"] - 1) // max(1, meta["chunks"])
+            frame = 0 if change["chunk"] == 0 else 1 + per_chunk * change["chunk"]
+        schedule[int(frame)] = change["prompt"]  # a later change at the same frame wins
+    return sorted(schedule.items())
 
 
 class RecordingStore:
@@ -140,11 +178,16 @@ class SessionRecording:
         self._thread.start()
 
     async def add(self, frames: np.ndarray, latents: np.ndarray | None, poses: np.ndarray, line: dict[str, Any]) -> None:
-        """Queue one chunk; waits (without blocking the event loop) while the writer is far behind."""
-        while self._queue.qsize() >= MAX_QUEUED_CHUNKS and not self._closed:
+        """Queue one chunk; waits (without blocking the event loop) while the writer is far behind. After a
+        write failure the chunk is dropped (the writer has stopped: waiting for it would stall the engine loop)."""
+        while self._queue.qsize() >= MAX_QUEUED_CHUNKS and self._writing:
             await asyncio.sleep(0.01)
-        if not self._closed:
+        if self._writing:
             self._queue.put(_Chunk(frames, latents, poses, line))
+
+    @property
+    def _writing(self) -> bool:
+        return not self._closed and self.error is None and self._thread.is_alive()
 
     async def close(self, ended: dict[str, Any]) -> None:
         """Write what is queued, close the video and finish ``meta.json`` with ``ended``."""
@@ -169,23 +212,31 @@ class SessionRecording:
         container = None
         stream = None
         files: dict[str, Any] = {}
+        keyframe_at: int | None = None  # the video frame of the last keyframe
         try:
             while (chunk := self._queue.get()) is not None:
                 if self.error is not None:
                     continue  # drain and drop: the recording is already broken
                 if container is None:
-                    container = av.open(str(self.folder / "preview.mp4.part"), mode="w", format="mp4")
+                    container = av.open(str(self.folder / "preview.mp4.part"), mode="w", format="mp4", options=PREVIEW_MUXER)
                     stream = container.add_stream("libx264", rate=Fraction(self.meta["fps"]))
                     stream.width, stream.height, stream.pix_fmt = self.meta["width"], self.meta["height"], "yuv420p"
-                    stream.options = dict(PREVIEW_OPTIONS)
+                    stream.options = dict(PREVIEW_OPTIONS, **PREVIEW_KEYFRAMES)
                     files = {name: open(self.folder / name, "ab") for name in ("chunks.jsonl", "poses.f64", "latents.f16")}
-                for rgb in chunk.frames:
-                    container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")))
+                key = keyframe_at is None or self.frames - keyframe_at >= KEYFRAME_SECONDS * self.meta["fps"]
+                keyframe_at = self.frames if key else keyframe_at
+                for i, rgb in enumerate(chunk.frames):
+                    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                    if key and i == 0:
+                        frame.pict_type = av.video.frame.PictureType.I
+                    container.mux(stream.encode(frame))
+                latent_frames = 0 if chunk.latents is None else int(chunk.latents.shape[1])
+                line = {**chunk.line, "latent_frames": latent_frames, "first_latent": self.latent_frames}
                 if chunk.latents is not None:
                     files["latents.f16"].write(np.ascontiguousarray(chunk.latents.astype(np.float16).transpose(1, 0, 2, 3)).tobytes())
-                    self.latent_frames += chunk.latents.shape[1]
+                    self.latent_frames += latent_frames
                 files["poses.f64"].write(np.ascontiguousarray(chunk.poses, dtype=np.float64).tobytes())
-                files["chunks.jsonl"].write((json.dumps(chunk.line) + "\n").encode())
+                files["chunks.jsonl"].write((json.dumps(line) + "\n").encode())
                 for f in files.values():
                     f.flush()
                 self.chunks += 1
@@ -205,21 +256,14 @@ class SessionRecording:
             for f in files.values():
                 f.close()
             if container is not None:
-                container.close()
+                with contextlib.suppress(Exception):  # closing after a failure may fail again
+                    container.close()
             while self._queue.qsize():  # the producer may still add after a failure
                 self._queue.get_nowait()
 
     def _prompt_changes(self) -> list[dict[str, Any]]:
-        """``[{"chunk", "prompt"}]`` read back from ``chunks.jsonl`` (nothing of it is kept in memory)."""
-        changes = []
-        path = self.folder / "chunks.jsonl"
-        if path.exists():
-            with open(path) as f:
-                for text in f:
-                    line = json.loads(text)
-                    if "prompt" in line:
-                        changes.append({"chunk": line["chunk"], "prompt": line["prompt"]})
-        return changes
+        """``[{"chunk", "latent_frame", "prompt"}]`` read back from ``chunks.jsonl`` (none of it is kept in memory)."""
+        return _prompt_changes(_read_lines(self.folder / "chunks.jsonl")[0])
 
     def _write_meta(self) -> None:
         write_atomic(self.folder / "meta.json", json.dumps(self.meta, indent=1).encode())
@@ -285,3 +329,182 @@ class Recorder:
         for session_id, recording in list(self.recordings.items()):
             await recording.close({"ended_at": time.time(), "end_reason": "shutdown"})
             del self.recordings[session_id]
+            await asyncio.to_thread(self.on_ended, session_id, recording.error)
+
+
+# -- reading back, and recovery after a crash -------------------------------------------------------------
+
+
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The whole lines of ``chunks.jsonl`` (up to the first torn or malformed one) and the byte offset after each."""
+    lines: list[dict[str, Any]] = []
+    ends: list[int] = []
+    if not path.exists():
+        return lines, ends
+    offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the writer died mid-line
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                break
+            if not isinstance(line, dict) or not isinstance(line.get("frames"), int):
+                break
+            offset += len(raw)
+            lines.append(line)
+            ends.append(offset)
+    return lines, ends
+
+
+def _prompt_changes(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"chunk", "latent_frame", "prompt"}]``: the lines that changed the prompt, with their first latent frame."""
+    return [{"chunk": line["chunk"], "latent_frame": line.get("first_latent"), "prompt": line["prompt"]}
+            for line in lines if "prompt" in line]
+
+
+def _mp4_boxes(path: Path) -> Iterator[tuple[bytes, int, int]]:
+    """(type, offset, size) of the complete top-level boxes of an MP4, up to the first incomplete one."""
+    size_of_file = path.stat().st_size
+    with open(path, "rb") as f:
+        offset = 0
+        while offset + 8 <= size_of_file:
+            f.seek(offset)
+            header = f.read(16)
+            size, kind = int.from_bytes(header[:4], "big"), header[4:8]
+            if size == 1 and len(header) == 16:  # 64-bit size
+                size = int.from_bytes(header[8:16], "big")
+            if size < 8 or offset + size > size_of_file:  # torn, or size 0 ("to the end": never complete here)
+                return
+            yield kind, offset, size
+            offset += size
+
+
+def _preview_cuts(path: Path) -> dict[int, int]:
+    """Where a fragmented preview may be cut: ``{frames before the cut: bytes kept}`` at each boundary of its
+    complete fragments (``{0: header}`` included), after cutting off an incomplete tail; empty when not even
+    its header (``ftyp``, ``moov``) is complete."""
+    import av
+
+    header_end: int | None = None
+    fragments: list[int] = []  # offsets of the moof boxes whose mdat is complete
+    end = 0  # bytes of the file that are whole boxes (a moof counts once its mdat is whole)
+    moof: int | None = None
+    for kind, offset, size in _mp4_boxes(path):
+        if kind == b"moov":
+            header_end = end = offset + size
+        elif kind == b"moof":
+            moof = offset
+        elif kind == b"mdat" and moof is not None:
+            fragments.append(moof)
+            moof, end = None, offset + size
+        elif moof is None and header_end is not None:
+            end = offset + size  # an index box after the fragments (mfra), or free space
+    if header_end is None:
+        return {}
+    if path.stat().st_size > end:
+        _truncate(path, end)
+    cuts = {0: header_end}
+    frames, current = 0, -1
+    try:
+        with av.open(str(path)) as container:
+            for packet in container.demux(video=0):  # decoding order; every fragment starts a closed GOP
+                if not packet.size:
+                    continue
+                fragment = bisect.bisect_right(fragments, packet.pos) - 1
+                if fragment > current:  # the first frame of a fragment
+                    cuts[frames], current = fragments[fragment], fragment
+                frames += 1
+    except (av.FFmpegError, OSError) as exc:
+        log.warning("%s: cannot read the preview (%s)", path, exc)
+        return {}
+    cuts[frames] = end
+    return cuts
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "rb+") as f:
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recover_recordings(store: RecordingStore, jobs: JobQueue) -> list[str]:
+    """Finish the recordings a killed server left open and queue every recording that has no job; returns the
+    ids of the recordings it finished. Idempotent (a second run changes nothing).
+
+    The server runs this at start, before any session records: a live session's folder must not be touched,
+    so no other server may be recording into the same data dir (refine workers sharing it are fine).
+    """
+    queued = {job.session_id for job in jobs.jobs()}
+    recovered = []
+    for session_id in sorted(store.session_ids()):
+        meta = store.read_meta(session_id)
+        if meta is None:  # killed before its first meta.json: no chunk was written, nothing to replay
+            log.warning("session folder %s has no meta.json; left as it is", session_id[:8])
+            continue
+        if meta.get("ended_at") is None or meta.get("frames") is None:
+            try:
+                meta = _recover(store.folder(session_id), meta)
+            except Exception:  # one unreadable folder must not keep the server from starting
+                log.exception("cannot recover the recording of session %s; left as it is", session_id[:8])
+                continue
+            recovered.append(session_id)
+            log.info("recovered the recording of session %s: %d chunks, %d frames%s", session_id[:8], meta["chunks"],
+                     meta["frames"], f" ({meta['recording_error']})" if meta["recording_error"] else "")
+        if session_id not in queued:
+            jobs.enqueue(session_id, meta.get("recording_error"))
+    return recovered
+
+
+def _recover(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Cut an unfinished recording to the chunks all its files hold whole and mark it ended; the new meta."""
+    data = [folder / name for name in ("chunks.jsonl", "poses.f64", "latents.f16", "preview.mp4.part", "preview.mp4")]
+    last_write = max((p.stat().st_mtime for p in data if p.exists()), default=meta.get("created_at") or time.time())
+    lines, line_ends = _read_lines(folder / "chunks.jsonl")
+    # frame_ends[k], latent_ends[k]: video and latent frames of the first k chunks
+    frame_ends, latent_ends = [0], [0]
+    for line in lines:
+        frame_ends.append(frame_ends[-1] + int(line["frames"]))
+        latent_ends.append(latent_ends[-1] + int(line.get("latent_frames", 0)))
+    poses = folder / "poses.f64"
+    count = min(len(lines), bisect.bisect_right(frame_ends, _size(poses) // POSE_BYTES) - 1)
+    latent = meta.get("latents")
+    latent_bytes = 0
+    if latent is not None:
+        latent_bytes = latent["channels"] * latent["height"] * latent["width"] * 2  # one float16 latent frame
+        count = min(count, bisect.bisect_right(latent_ends, _size(folder / latent["file"]) // latent_bytes) - 1)
+    preview = folder / "preview.mp4.part"
+    if not preview.exists():
+        preview = folder / "preview.mp4"  # closed cleanly, killed before meta.json was finished
+    cuts = _preview_cuts(preview) if preview.exists() else {}
+    while count > 0 and frame_ends[count] not in cuts:
+        count -= 1  # the preview has no fragment boundary there (or lacks these frames)
+
+    # Cut every file to `count` chunks (idempotent: a recovery killed midway is simply run again).
+    for path, size in ((folder / "chunks.jsonl", line_ends[count - 1] if count else 0),
+                       (poses, frame_ends[count] * POSE_BYTES),
+                       (folder / latent["file"] if latent is not None else None, latent_ends[count] * latent_bytes)):
+        if path is not None and path.exists() and _size(path) > size:
+            _truncate(path, size)
+    if count:
+        if _size(preview) > cuts[frame_ends[count]]:
+            _truncate(preview, cuts[frame_ends[count]])
+        os.replace(preview, folder / "preview.mp4")
+    else:
+        for path in (folder / "preview.mp4.part", folder / "preview.mp4"):
+            path.unlink(missing_ok=True)
+
+    meta.update(ended_at=last_write, end_reason="recovered", recovered_at=time.time(), chunks=count,
+                frames=frame_ends[count], prompts=_prompt_changes(lines[:count]),
+                recording_error=None if count else "the server stopped before a whole chunk of the session was saved",
+                preview="preview.mp4" if count else None)
+    if latent is not None:
+        latent["frames"] = latent_ends[count]
+    write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
+    return meta
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0

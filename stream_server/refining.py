@@ -2,13 +2,19 @@
 
 For each job it claims (:mod:`stream_server.jobs`) it
 
-1. loads the session's latents (a memory map of ``latents.f16``) and its first prompt and seed;
-2. runs the refiner block by block (``refine(latents, prompt, seed=, start_frame=, refined_prefix=)``,
+1. loads the session's latents (a memory map of ``latents.f16``), its seed and its prompt schedule:
+   ``[(first latent frame, prompt)]``, each prompt from the chunk it took effect at
+   (:func:`stream_server.recording.prompt_schedule`);
+2. runs the refiner block by block (``refine(latents, schedule, seed=, start_frame=, refined_prefix=)``,
    the signature of ``world_model.refiner.Refiner.refine_blocks``), saving each refined block
    (float16) under ``refine/`` before using it, and recording the progress;
 3. decodes each block with the streaming causal VAE decoder (dropping the start frame, as the live
    path does, so the refined video has the preview's frame count) and encodes it into a temporary MP4;
-4. fsyncs the MP4 and, in one transaction with marking the job done, renames it to ``refined.mp4``.
+4. closes and fsyncs the MP4, reads it back (its frame count must be what was written) and, in one
+   transaction with marking the job done, renames it to ``refined.mp4``.
+
+A write failure (a full disk: ``ENOSPC``, failing the job without retry) deletes the temporary MP4 and
+leaves ``preview.mp4`` alone; ``refined.mp4`` only ever appears complete.
 
 After a crash a new attempt resumes from the saved blocks: they are decoded again (cheap next to
 refining) to rebuild the decoder cache and the video, and the refiner continues from the next block.
@@ -39,11 +45,11 @@ import torch
 from world_model.vae import DecoderCache
 
 from .jobs import Job, JobQueue, LeaseLost
-from .recording import PREVIEW_OPTIONS, RecordingStore
+from .recording import PREVIEW_OPTIONS, RecordingStore, prompt_schedule
 
 log = logging.getLogger(__name__)
 
-RefineFn = Callable[..., Iterator[torch.Tensor]]  # Refiner.refine_blocks(latents, prompt, *, seed, start_frame, refined_prefix)
+RefineFn = Callable[..., Iterator[torch.Tensor]]  # Refiner.refine_blocks(latents, schedule, *, seed, start_frame, refined_prefix)
 REFINED = "refined.mp4"
 BLOCKS_DIR = "refine"  # refined latent blocks of an unfinished job, one .npy per block
 
@@ -172,28 +178,30 @@ class RefineWorker:
         if meta.get("recording_error"):
             raise RecordingError(f"the recording is incomplete: {meta['recording_error']}")
         if meta.get("ended_at") is None or meta.get("frames") is None:
-            raise RecordingError("the recording was not closed (the server stopped during the session)")
+            raise RecordingError("the recording was not closed (the server stopped during the session; its next start recovers it)")
         if meta["model"] != self.model:
             raise RecordingError(f"recorded with model {meta['model']}; this worker refines {self.model}")
         try:
             latents = torch.from_numpy(np.ascontiguousarray(self.store.load_latents(job.session_id)))[None]  # (1, C, T, h, w)
-        except ValueError as exc:
-            raise RecordingError(str(exc)) from None
+            prompts = prompt_schedule(meta)
+        except (ValueError, KeyError) as exc:
+            raise RecordingError(f"the recording is malformed: {exc}") from None
         total = latents.shape[2]
         folder = self.store.folder(job.session_id)
         blocks_dir = folder / BLOCKS_DIR
         blocks_dir.mkdir(exist_ok=True)
         prefix = _saved_blocks(blocks_dir)
         tmp = folder / f"{REFINED}.{self.worker_id.replace(':', '-')}.tmp"
-        video = _VideoWriter(tmp, meta["width"], meta["height"], meta["fps"])
+        video: _VideoWriter | None = None
         try:
+            video = _VideoWriter(tmp, meta["width"], meta["height"], meta["fps"])
             cache = self.vae.new_decoder_cache()
             for block in prefix:  # resume: rebuild the decoder cache and the video so far
                 video.write(self._decode(block, cache))
             done_frames = sum(b.shape[2] for b in prefix)
             refined_prefix = torch.cat(prefix, dim=2).float() if prefix else None
-            blocks = self.refine(latents.float(), meta["prompts"][0]["prompt"], seed=meta["seed"],
-                                 start_frame=done_frames, refined_prefix=refined_prefix)
+            blocks = self.refine(latents.float(), prompts, seed=meta["seed"], start_frame=done_frames,
+                                 refined_prefix=refined_prefix)
             for block in blocks:
                 if lost.is_set():
                     raise LeaseLost(job.session_id)
@@ -206,11 +214,16 @@ class RefineWorker:
                 self.queue.heartbeat(job, self.lease_seconds, progress=done_frames / total)
             if done_frames != total:
                 raise RuntimeError(f"the refiner yielded {done_frames} latent frames of {total}")
+            if video.frames != meta["frames"]:
+                raise RuntimeError(f"refined video has {video.frames} frames; the preview has {meta['frames']}")
             video.close()
-        finally:
-            video.abort()
-        if video.frames != meta["frames"]:
-            raise RuntimeError(f"refined video has {video.frames} frames; the preview has {meta['frames']}")
+            if (on_disk := _video_frames(tmp)) != video.frames:  # what a reader will get, not what was sent
+                raise RuntimeError(f"the refined video reads back with {on_disk} of its {video.frames} frames")
+        except BaseException:
+            if video is not None:
+                video.abort()
+            tmp.unlink(missing_ok=True)  # a partial file, never renamed; on a full disk its space is needed
+            raise
 
         def commit() -> None:
             os.replace(tmp, folder / REFINED)
@@ -232,6 +245,14 @@ class RefineWorker:
         if first:
             video = video[:, :, 1:]
         return self.vae.to_uint8(video)[0]
+
+
+def _video_frames(path: Path) -> int:
+    """Video frames (packets) of an MP4, read back from the file."""
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for packet in container.demux(video=0) if packet.size)
 
 
 def _saved_blocks(blocks_dir: Path) -> list[torch.Tensor]:

@@ -29,11 +29,12 @@ forward per block instead of four) and continues exactly as an uninterrupted run
 
 from __future__ import annotations
 
+import bisect
 import gc
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from diffusers.models.transformers.transformer_sana_wm_refiner import (
@@ -48,6 +49,7 @@ from .schedule import euler_step
 from .text import HashTextEncoder, TextEncoder
 
 __all__ = [
+    "PromptSchedule",
     "REFINER_PRESETS",
     "RefineRecipe",
     "Refiner",
@@ -82,6 +84,10 @@ TINY_PROMPT_TOKENS = 32  # max_length of the tiny preset's HashTextEncoder
 _UNUSED_BY_VIDEO = re.compile(r"audio_|av_cross_attn_|video_to_audio_|video_a2v_|prompt_adaln|prompt_scale_shift_table")
 _TRANSFORMER_CLASSES = frozenset({"SanaWMLTX2RefinerTransformer3DModel", "LTX2VideoTransformer3DModel"})
 _GEMMA_TOKENS = 1024  # tokens per prompt of the release's text path (left-padded)
+_PROMPTS_PER_ENCODE = 8  # distinct prompts of a schedule per text-encoder call (bounds Gemma-3's activations)
+
+# A session's prompts: (first latent frame, prompt) pairs, from frame 0 on, frames increasing.
+PromptSchedule = Sequence[tuple[int, str]]
 
 
 @dataclass(frozen=True)
@@ -188,7 +194,7 @@ class Refiner:
 
     # -- refinement ----------------------------------------------------------------------------
 
-    def refine(self, latents: torch.Tensor, prompt: str, seed: int = 0) -> torch.Tensor:
+    def refine(self, latents: torch.Tensor, prompt: str | PromptSchedule, seed: int = 0) -> torch.Tensor:
         """All refined latents ``(1, C, T, h, w)`` at once (the concatenated blocks of ``refine_blocks``)."""
         return torch.cat(list(self.refine_blocks(latents, prompt, seed=seed)), dim=2)
 
@@ -196,7 +202,7 @@ class Refiner:
     def refine_blocks(
         self,
         latents: torch.Tensor,
-        prompt: str,
+        prompt: str | PromptSchedule,
         *,
         seed: int = 0,
         progress: Callable[[int, int], None] | None = None,
@@ -206,10 +212,16 @@ class Refiner:
         """Refine normalised Stage-1 latents ``(1, C, T, h, w)``, yielding blocks ``(1, C, t, h, w)`` in order: frame 0
         as is, then blocks of up to 3 refined frames, in the input's dtype. ``progress(done, T)`` follows each block.
 
+        ``prompt`` is one prompt for the whole video, or a schedule ``[(first_latent_frame, prompt), ...]`` starting at
+        frame 0 with increasing frames (a session whose prompt changed). A block is conditioned on the prompt in effect
+        at its first latent frame, and so is its capture into the history; the sink is captured with the prompt of
+        frame 0. A schedule of one prompt is the same run as that prompt alone.
+
         Resume an interrupted run with ``start_frame=k`` (a ``done`` value its ``progress`` reported) and
         ``refined_prefix``: the first k frames it yielded. The blocks from k on equal the uninterrupted run's.
         """
         total = self._check_latents(latents)
+        schedule = _check_schedule(prompt)
         prefix = self._check_resume(latents, start_frame, refined_prefix)
         if start_frame == 0:
             yield latents[:, :, :1].clone()
@@ -217,12 +229,14 @@ class Refiner:
         if max(start_frame, 1) == total:
             return
         z = latents.to(self.device, self.dtype)
-        window = _Window(self, z.shape[-2:], self.transformer_inputs(prompt))
+        contexts = self._encode_schedule(schedule, total)  # each prompt the video uses, encoded once
+        window = _Window(self, z.shape[-2:], contexts[_prompt_at(schedule, 0)])
         window.capture_sink(z[:, :, :1])
         noise = torch.Generator().manual_seed(seed)
         for start in range(1, total, self.recipe.block_frames):
             end = min(start + self.recipe.block_frames, total)
             eps = torch.randn(z[:, :, start:end].shape, generator=noise)  # drawn for replayed blocks too: same stream
+            window.context = contexts[_prompt_at(schedule, start)]
             if end <= start_frame:
                 window.replay(prefix[:, :, start:end], start)
                 continue
@@ -234,6 +248,19 @@ class Refiner:
         """Prompt features ``(1, L, caption_channels)`` in the DiT's dtype and their 0/1 mask ``(1, L)``."""
         features, mask = self.text_encoder.encode([prompt])
         return features.to(self.device, self.dtype), mask.to(self.device, self.dtype)
+
+    def _encode_schedule(self, schedule: list[tuple[int, str]], total: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``transformer_inputs`` of every distinct prompt in effect at frame 0 or at a block start before ``total``,
+        encoded ``_PROMPTS_PER_ENCODE`` at a time (the release's encoder loads Gemma-3 once per ``encode`` call)."""
+        starts = [0, *range(1, total, self.recipe.block_frames)]
+        prompts = list(dict.fromkeys(_prompt_at(schedule, frame) for frame in starts))
+        contexts = {}
+        for i in range(0, len(prompts), _PROMPTS_PER_ENCODE):
+            batch = prompts[i : i + _PROMPTS_PER_ENCODE]
+            features, mask = self.text_encoder.encode(batch)
+            for row, text in enumerate(batch):  # (1, L, D) and (1, L) per prompt
+                contexts[text] = features[row : row + 1].to(self.device, self.dtype), mask[row : row + 1].to(self.device, self.dtype)
+        return contexts
 
     def _check_latents(self, latents: torch.Tensor) -> int:
         channels = self.transformer.config.in_channels
@@ -257,6 +284,28 @@ class Refiner:
         return refined_prefix.to(self.device, self.dtype)
 
 
+def _check_schedule(prompt: str | PromptSchedule) -> list[tuple[int, str]]:
+    """``prompt`` as a schedule ``[(first_latent_frame, prompt)]``, after checking that it starts at frame 0 and that
+    its frames increase."""
+    if isinstance(prompt, str):
+        return [(0, prompt)]
+    try:
+        schedule = [(frame, text) for frame, text in prompt]
+    except (TypeError, ValueError):
+        raise ValueError(f"prompt must be a str or a sequence of (first_latent_frame, prompt) pairs; got {prompt!r}") from None
+    if not schedule or any(type(f) is not int or not isinstance(t, str) for f, t in schedule):
+        raise ValueError(f"a prompt schedule is a non-empty sequence of (int, str) pairs; got {schedule!r}")
+    frames = [frame for frame, _ in schedule]
+    if frames[0] != 0 or any(b <= a for a, b in zip(frames, frames[1:])):
+        raise ValueError(f"a prompt schedule must start at latent frame 0 with increasing frames; got frames {frames}")
+    return schedule
+
+
+def _prompt_at(schedule: list[tuple[int, str]], frame: int) -> str:
+    """The prompt in effect at latent ``frame``: that of the last entry starting at or before it."""
+    return schedule[bisect.bisect_right([f for f, _ in schedule], frame) - 1][1]
+
+
 def _report(progress: Callable[[int, int], None] | None, done: int, total: int) -> None:
     if progress is not None:
         progress(done, total)
@@ -265,7 +314,8 @@ def _report(progress: Callable[[int, int], None] | None, done: int, total: int) 
 class _Window:
     """The attention window of one refinement: the DiT's per-layer KV cache (``kv_cache.get(i)``: sink K/V pre-RoPE
     and history K/V post-RoPE, each ``(1, frames * tokens_per_frame, heads * head_dim)``) and ``history_frames``,
-    the number of refined frames the history holds (at most ``recipe.history_frames``)."""
+    the number of refined frames the history holds (at most ``recipe.history_frames``). ``context`` is the prompt
+    (features, mask) of the forwards to come; the driver sets it before each block."""
 
     def __init__(self, refiner: Refiner, latent_hw: tuple[int, int], context: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.model = refiner.transformer
@@ -451,7 +501,7 @@ class GemmaConnectorEncoder:
     ``LTX2TextConnectors`` -> ``(B, 1024, 3840)`` features and a bool mask.
 
     Gemma-3-12B (24 GB in bf16) and the connectors are loaded for each ``encode`` and freed after it: a refinement
-    encodes its prompt once, and the memory is the DiT's for the rest of the job.
+    encodes its prompts once, up front (a batch of up to 8 per load), and the memory is the DiT's for the rest of the job.
     """
 
     max_length = _GEMMA_TOKENS

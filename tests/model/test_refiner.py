@@ -1,5 +1,5 @@
 """The Stage-2 refiner: the recipe against diffusers' pipeline, streaming equals one-shot, the bounded window,
-resuming, loading the release layout, and the release's sizes."""
+resuming, prompt schedules, loading the release layout, and the release's sizes."""
 
 from __future__ import annotations
 
@@ -139,6 +139,72 @@ def test_resume_refuses_a_mid_block_start(refiner):
         next(refiner.refine_blocks(_latents(10), PROMPT, start_frame=5, refined_prefix=_latents(5)))
     with pytest.raises(ValueError, match="refined_prefix of shape"):
         next(refiner.refine_blocks(_latents(10), PROMPT, start_frame=4, refined_prefix=_latents(3)))
+
+
+# -- prompt schedules ------------------------------------------------------------------------
+
+OTHER = "a desert road under a red sky"
+
+
+class CountingEncoder:
+    """A text encoder that records each ``encode`` call's prompts."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder, self.calls = encoder, []
+        self.caption_channels, self.max_length = encoder.caption_channels, encoder.max_length
+
+    def encode(self, prompts):
+        self.calls.append(list(prompts))
+        return self.encoder.encode(prompts)
+
+
+def test_schedule_of_one_prompt_equals_the_plain_prompt(refiner):
+    z = _latents(10)
+    assert torch.equal(refiner.refine(z, [(0, PROMPT)], seed=4), refiner.refine(z, PROMPT, seed=4))
+    assert torch.equal(refiner.refine(z, ((0, PROMPT), (4, PROMPT)), seed=4), refiner.refine(z, PROMPT, seed=4))
+
+
+def test_a_prompt_change_conditions_the_blocks_from_it_on(refiner):
+    z = _latents(13)  # frame 0, then blocks 1-3, 4-6, 7-9, 10-12
+    plain = refiner.refine(z, PROMPT, seed=4)
+    changed = refiner.refine(z, [(0, PROMPT), (7, OTHER)], seed=4)
+    assert torch.equal(changed[:, :, :7], plain[:, :, :7])
+    for start in (7, 10):
+        assert not torch.allclose(changed[:, :, start : start + 3], plain[:, :, start : start + 3], atol=1e-3)
+    # A block takes the prompt in effect at its first frame: a change inside block 4-6 starts with block 7.
+    assert torch.equal(refiner.refine(z, [(0, PROMPT), (5, OTHER)], seed=4), changed)
+    # The changed blocks see a window captured under the first prompt: not the same as the other prompt throughout.
+    assert not torch.allclose(changed[:, :, 7:], refiner.refine(z, OTHER, seed=4)[:, :, 7:], atol=1e-3)
+
+
+@pytest.mark.parametrize("start_frame", [4, 10])
+def test_resume_with_a_schedule_continues_identically(refiner, start_frame):
+    z = _latents(13)
+    schedule = [(0, PROMPT), (7, OTHER)]
+    full = refiner.refine(z, schedule, seed=5)
+    rest = refiner.refine_blocks(z, schedule, seed=5, start_frame=start_frame, refined_prefix=full[:, :, :start_frame].clone())
+    torch.testing.assert_close(torch.cat([full[:, :, :start_frame], *rest], dim=2), full, atol=EXACT, rtol=0)
+
+
+def test_each_prompt_in_use_is_encoded_once(refiner):
+    counting = CountingEncoder(refiner.text_encoder)
+    scheduled = Refiner(refiner.transformer, counting)
+    z = _latents(13)
+    out = scheduled.refine(z, [(0, PROMPT), (4, OTHER), (7, PROMPT), (40, "never reached")], seed=1)
+    assert counting.calls == [[PROMPT, OTHER]]
+    assert torch.equal(out, refiner.refine(z, [(0, PROMPT), (4, OTHER), (7, PROMPT)], seed=1))
+
+
+@pytest.mark.parametrize("schedule, message", [
+    ([], "non-empty"),
+    ([(1, PROMPT)], "start at latent frame 0"),
+    ([(0, PROMPT), (4, OTHER), (4, PROMPT)], "increasing"),
+    ([(0, 7)], r"\(int, str\) pairs"),
+    (42, "a str or a sequence"),
+])
+def test_bad_schedules_are_refused(refiner, schedule, message):
+    with pytest.raises(ValueError, match=message):
+        next(refiner.refine_blocks(_latents(4), schedule))
 
 
 # -- the release's prompt path ---------------------------------------------------------------

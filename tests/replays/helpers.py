@@ -20,7 +20,7 @@ CHANNELS, LATENT_H, LATENT_W = 16, HEIGHT // 32, WIDTH // 32  # its latents
 CHUNK_FRAMES = 24  # video frames per chunk (chunk 0: 4 latents incl. the start frame; later chunks: 3)
 
 
-def identity_refine(latents: torch.Tensor, prompt: str, *, seed: int = 0, start_frame: int = 0,
+def identity_refine(latents: torch.Tensor, prompt, *, seed: int = 0, start_frame: int = 0,
                     refined_prefix: torch.Tensor | None = None, progress=None, delay: float = 0.0) -> Iterator[torch.Tensor]:
     """A stand-in refiner: yields the latents unchanged in blocks (frames 0-3, then threes) from ``start_frame``."""
     assert refined_prefix is None or refined_prefix.shape[2] == start_frame
@@ -32,23 +32,36 @@ def identity_refine(latents: torch.Tensor, prompt: str, *, seed: int = 0, start_
         frame = min(end, latents.shape[2])
 
 
-def write_recording(data_dir: Path, session_id: str, token: str, *, chunks: int = 2, prompt: str = "a harbour",
-                    ended_at: float | None = None, enqueue: bool = True) -> RecordingStore:
-    """A closed recording as the server leaves it (random latents, grey frames), queued for refinement."""
-    store = RecordingStore(data_dir)
-    meta = {"session_id": session_id, "token_sha256": token_hash(token), "model": "tiny", "width": WIDTH,
+def recording_meta(session_id: str, token: str) -> dict:
+    """``meta.json`` of a recording of the tiny model, as the recorder starts it."""
+    return {"session_id": session_id, "token_sha256": token_hash(token), "model": "tiny", "width": WIDTH,
             "height": HEIGHT, "fps": FPS, "seed": 0, "created_at": time.time(), "ended_at": None,
             "latents": {"file": "latents.f16", "dtype": "float16", "layout": "T,C,h,w", "channels": CHANNELS,
                         "height": LATENT_H, "width": LATENT_W, "frames": None}, "preview": None}
+
+
+async def record_chunks(recording: SessionRecording, chunks: int, *, frames: int = CHUNK_FRAMES, latents: int = 3,
+                        prompts: dict[int, str] | None = None) -> None:
+    """Add ``chunks`` chunks of ``frames`` grey frames and random latents (chunk 0: 1 + ``latents``, later chunks
+    ``latents``); ``prompts``: {chunk: the prompt that took effect there}, chunk 0's by default "a harbour"."""
     rng = np.random.default_rng(0)
+    prompts = prompts or {0: "a harbour"}
+    for c in range(chunks):
+        video = np.full((frames, HEIGHT, WIDTH, 3), 20 * c % 256, np.uint8)
+        z = rng.standard_normal((CHANNELS, latents + (c == 0), LATENT_H, LATENT_W)).astype(np.float16)
+        line = {"chunk": c, "first_frame": c * frames, "frames": frames, **({"prompt": prompts[c]} if c in prompts else {})}
+        await recording.add(video, z, np.tile(np.eye(4), (frames, 1, 1)), line)
+
+
+def write_recording(data_dir: Path, session_id: str, token: str, *, chunks: int = 2, prompt: str = "a harbour",
+                    ended_at: float | None = None, enqueue: bool = True, prompts: dict[int, str] | None = None,
+                    frames: int = CHUNK_FRAMES, latents: int = 3) -> RecordingStore:
+    """A closed recording as the server leaves it (random latents, grey frames), queued for refinement."""
+    store = RecordingStore(data_dir)
 
     async def record() -> None:
-        recording = SessionRecording(store.folder(session_id), meta, None)
-        for c in range(chunks):
-            frames = np.full((CHUNK_FRAMES, HEIGHT, WIDTH, 3), 20 * c, np.uint8)
-            latents = rng.standard_normal((CHANNELS, 4 if c == 0 else 3, LATENT_H, LATENT_W)).astype(np.float16)
-            line = {"chunk": c, "first_frame": c * CHUNK_FRAMES, "frames": CHUNK_FRAMES, **({"prompt": prompt} if c == 0 else {})}
-            await recording.add(frames, latents, np.tile(np.eye(4), (CHUNK_FRAMES, 1, 1)), line)
+        recording = SessionRecording(store.folder(session_id), recording_meta(session_id, token), None)
+        await record_chunks(recording, chunks, frames=frames, latents=latents, prompts=prompts or {0: prompt})
         await recording.close({"ended_at": ended_at if ended_at is not None else time.time(), "end_reason": "deleted"})
 
     asyncio.run(record())

@@ -72,7 +72,7 @@ async def test_stream_delete_refine_download(tiny_engine, tmp_path):
         chunks = lines(folder / "chunks.jsonl")
         frames = meta["frames"]
         assert frames == chunks * CHUNK_FRAMES and meta["latents"]["frames"] == 1 + 3 * chunks
-        assert meta["prompts"] == [{"chunk": 0, "prompt": "a quiet harbour at dusk"}] and meta["end_reason"] == "deleted"
+        assert meta["prompts"] == [{"chunk": 0, "latent_frame": 0, "prompt": "a quiet harbour at dusk"}] and meta["end_reason"] == "deleted"
         assert count_frames(folder / "preview.mp4") == frames
         jobs = app[APP_KEY].jobs
         assert jobs.get(session.id).state == "queued"
