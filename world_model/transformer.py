@@ -44,7 +44,7 @@ from .modules import (
     apply_ucpe,
 )
 from .ops.attention import reference_sdpa
-from .ops.gated_delta import frame_gated_delta_rule
+from .ops.gated_delta import frame_gated_delta_bidirectional
 
 if TYPE_CHECKING:
     from .state import SessionState
@@ -298,10 +298,8 @@ def _turn_second_half(x: torch.Tensor, turn: torch.Tensor) -> torch.Tensor:
 
 
 def _bidirectional_scan(q, k, v, beta, decay, state):
-    """Forward scan from ``state`` plus the exclusive backward scan inside the chunk."""
-    fwd, state = frame_gated_delta_rule(q, k, v, beta, decay, initial_state=state)
-    bwd, _ = frame_gated_delta_rule(q, k, v, beta, decay, reverse=True)
-    return fwd + bwd, state
+    """Forward scan from ``state`` plus the exclusive backward scan inside the chunk (one kernel launch on CUDA)."""
+    return frame_gated_delta_bidirectional(q, k, v, beta, decay, initial_state=state)
 
 
 def _over_chunks(apply, x: torch.Tensor, layout: Layout, tail: torch.Tensor | None, context: int, carry_across: bool):

@@ -1,5 +1,73 @@
-"""The frame-wise gated delta rule: a plain-torch reference (``naive``); GPU kernels sit beside it."""
+"""The frame-wise gated delta rule: a plain-torch reference (``naive``) and a Triton kernel (``triton_kernel``).
 
-from .naive import frame_gated_delta_rule
+The functions here have the reference's meaning and signature and pick the implementation per call:
 
-__all__ = ["frame_gated_delta_rule"]
+* the Triton kernel when the tensors are on CUDA, Triton is installed and no gradient is needed (it has no backward);
+* the reference otherwise.
+
+``SANA_WM_GDN_BACKEND`` picks: ``auto`` as above; ``naive`` always the reference; ``triton`` always the kernel (CPU
+tensors then run in Triton's interpreter) and refuses calls that need gradients. The default is ``naive`` until the
+kernel's parity tests have passed on a GPU (tests/gpu/test_gated_delta_triton_cuda.py; so far they ran only under the
+interpreter on CPU), then ``auto``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import naive, triton_kernel
+
+BACKEND_ENV = "SANA_WM_GDN_BACKEND"
+BACKENDS = ("auto", "naive", "triton")
+DEFAULT_BACKEND = "naive"  # "auto" once the kernel has passed its GPU parity run
+
+
+def frame_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``naive.frame_gated_delta_rule``."""
+    impl = triton_kernel if _use_kernel(q, k, v, beta, gamma, initial_state) else naive
+    return impl.frame_gated_delta_rule(q, k, v, beta, gamma, initial_state=initial_state, reverse=reverse)
+
+
+def frame_gated_delta_bidirectional(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ``naive.frame_gated_delta_bidirectional``: forward scan from ``initial_state`` + exclusive reverse scan."""
+    impl = triton_kernel if _use_kernel(q, k, v, beta, gamma, initial_state) else naive
+    return impl.frame_gated_delta_bidirectional(q, k, v, beta, gamma, initial_state=initial_state)
+
+
+def _use_kernel(*tensors: torch.Tensor | None) -> bool:
+    choice = os.environ.get(BACKEND_ENV, DEFAULT_BACKEND)
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}; got {choice!r}")
+    if choice == "naive":
+        return False
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if choice == "triton":
+        if needs_grad:
+            raise ValueError(f"{BACKEND_ENV}=triton: the Triton kernel has no backward; run without gradients or "
+                             f"with {BACKEND_ENV}=naive")
+        if not triton_kernel.available():
+            raise ValueError(f"{BACKEND_ENV}=triton but Triton is not installed")
+        return True
+    return not needs_grad and tensors[0].is_cuda and triton_kernel.available()
+
+
+__all__ = ["frame_gated_delta_rule", "frame_gated_delta_bidirectional", "BACKEND_ENV"]

@@ -84,3 +84,22 @@ def _check_shapes(q, k, v, beta, gamma, initial_state) -> None:
     expected = (*k.shape[:2], k.shape[-1], v.shape[-1])
     if initial_state is not None and tuple(initial_state.shape) != expected:
         raise ValueError(f"initial_state must be {expected}; got {tuple(initial_state.shape)}")
+
+
+def frame_gated_delta_bidirectional(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the bidirectional / chunk-causal modes: the forward scan from ``initial_state`` plus the
+    exclusive reverse scan from zero, summed; and the forward scan's final state (what the next chunk starts from).
+
+    Returns ``(o, final_state)`` shaped as ``frame_gated_delta_rule``'s.
+    """
+    forward, state = frame_gated_delta_rule(q, k, v, beta, gamma, initial_state=initial_state)
+    backward, _ = frame_gated_delta_rule(q, k, v, beta, gamma, reverse=True)
+    return forward + backward, state

@@ -1,0 +1,250 @@
+"""The Triton kernel of the frame-wise gated delta rule against the plain fp32 reference, on the CPU.
+
+CPU tensors run the kernel in Triton's interpreter (``triton_kernel`` loads an interpreted copy of the kernels for
+them, whatever TRITON_INTERPRET says), so these tests check the kernel's indexing, masking, padding and scan order
+without a GPU. The interpreter multiplies fp32 in fp32: TF32 and the GPU's accumulation order are checked by
+tests/gpu/test_gated_delta_triton_cuda.py. Skipped when Triton is not installed.
+
+Tolerances, as max abs error over the reference's max abs (``rel_err``):
+  fp32 inputs: 1e-5 (fp32 round-off; the sums run in another order than the reference's).
+  bf16 inputs: 2e-2 against the reference on the same (bf16-valued) inputs in fp32: the kernel rounds the state and
+  the frame's weighted residual beta (V - gamma K M) to bf16 before each dot (~4e-3 each, 8 mantissa bits); measured
+  3e-3 .. 5e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import rel_err
+from tests.ops.test_gated_delta import _bad_cases
+from world_model.ops import gated_delta
+from world_model.ops.gated_delta import naive, triton_kernel
+
+pytest.importorskip("triton")
+
+FP32_TOL = 1e-5
+BF16_TOL = 2e-2
+
+
+def _inputs(seed=0, *, batch=1, heads=2, frames=3, tokens=40, dk=48, dv=48, dtype=torch.float32):
+    """q, k, v, beta, gamma like the model's: ReLU keys scaled by 1/sqrt(Dk S), beta in [0, 1], gamma in (0, 1].
+
+    Both ends of the gates are hit exactly: some beta are 0 or 1, some gamma are 1.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, frames, tokens)
+    q = torch.randn(*shape, dk, generator=g)
+    k = torch.relu(torch.randn(*shape, dk, generator=g)) * (dk * tokens) ** -0.5
+    v = torch.randn(*shape, dv, generator=g)
+    beta = torch.rand(*shape, generator=g)
+    beta.view(-1)[::7] = 0.0
+    beta.view(-1)[3::7] = 1.0
+    gamma = 1.0 - 0.9 * torch.rand(batch, heads, frames, generator=g)  # (0.1, 1]
+    gamma.view(-1)[::3] = 1.0
+    return [x.to(dtype) for x in (q, k, v, beta, gamma)]
+
+
+def _state(seed, batch, heads, dk, dv):
+    return torch.randn(batch, heads, dk, dv, generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(actual, expected):
+    """``rel_err``, and the max abs error itself where the reference is all zeros (a reverse scan of one frame)."""
+    return rel_err(actual, expected) if expected.abs().max() > 0 else float(actual.abs().max())
+
+
+def _check(actual, expected, tol):
+    out, final = actual
+    ref_out, ref_final = expected
+    assert out.dtype == torch.float32 and final.dtype == torch.float32
+    assert out.shape == ref_out.shape and final.shape == ref_final.shape
+    assert _rel(out, ref_out) < tol, _rel(out, ref_out)
+    assert _rel(final, ref_final) < tol, _rel(final, ref_final)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Against the reference
+# -----------------------------------------------------------------------------------------------------------------
+
+SHAPES = [  # (frames, tokens, dk, dv)
+    (1, 40, 48, 48),  # tiny model's heads; Dk padded 48 -> 64
+    (2, 40, 48, 1),  # the normaliser: a Dk x 1 state (Dv padded to 16)
+    (3, 40, 112, 112),  # full model's head dim, padded to 128
+    (4, 21, 16, 20),  # one token tile, partly masked; Dv split over two column blocks
+    (3, 300, 128, 1),  # demo model's Dk; two token tiles of the interpreter's 256, the second partial
+]
+
+
+@pytest.mark.parametrize("frames, tokens, dk, dv", SHAPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_forward_matches_reference(frames, tokens, dk, dv, with_state):
+    x = _inputs(frames, frames=frames, tokens=tokens, dk=dk, dv=dv)
+    state = _state(1, 1, 2, dk, dv) if with_state else None
+    _check(triton_kernel.frame_gated_delta_rule(*x, initial_state=state),
+           naive.frame_gated_delta_rule(*x, initial_state=state), FP32_TOL)
+
+
+@pytest.mark.parametrize("frames, tokens, dk, dv", SHAPES)
+def test_reverse_matches_reference(frames, tokens, dk, dv):
+    x = _inputs(frames + 10, frames=frames, tokens=tokens, dk=dk, dv=dv)
+    out, final = triton_kernel.frame_gated_delta_rule(*x, reverse=True)
+    _check((out, final), naive.frame_gated_delta_rule(*x, reverse=True), FP32_TOL)
+    assert torch.count_nonzero(out[:, :, -1]) == 0  # the last frame has nothing after it
+
+
+@pytest.mark.parametrize("frames, tokens, dk, dv", SHAPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_bidirectional_matches_reference(frames, tokens, dk, dv, with_state):
+    x = _inputs(frames + 20, frames=frames, tokens=tokens, dk=dk, dv=dv)
+    state = _state(2, 1, 2, dk, dv) if with_state else None
+    _check(triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state),
+           naive.frame_gated_delta_bidirectional(*x, initial_state=state), FP32_TOL)
+
+
+def test_several_token_tiles_with_a_partial_last_one(monkeypatch):
+    """S = 40 over tiles of 16: two full tiles and one of 8, in every pass of every mode."""
+    monkeypatch.setattr(triton_kernel, "INTERPRET_BLOCK_S", 16)
+    x = _inputs(30, batch=2, frames=3, tokens=40, dk=48, dv=24)
+    state = _state(3, 2, 2, 48, 24)
+    _check(triton_kernel.frame_gated_delta_rule(*x, initial_state=state),
+           naive.frame_gated_delta_rule(*x, initial_state=state), FP32_TOL)
+    _check(triton_kernel.frame_gated_delta_rule(*x, reverse=True),
+           naive.frame_gated_delta_rule(*x, reverse=True), FP32_TOL)
+    _check(triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state),
+           naive.frame_gated_delta_bidirectional(*x, initial_state=state), FP32_TOL)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("dv", [48, 1])
+def test_bf16_inputs(mode, dv):
+    x = _inputs(40, batch=2, frames=3, tokens=40, dk=48, dv=dv, dtype=torch.bfloat16)
+    state = _state(4, 2, 2, 48, dv) if mode != "reverse" else None
+    exact = [t.float() for t in x]
+    if mode == "bidirectional":
+        actual = triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state)
+        expected = naive.frame_gated_delta_bidirectional(*exact, initial_state=state)
+    else:
+        actual = triton_kernel.frame_gated_delta_rule(*x, initial_state=state, reverse=mode == "reverse")
+        expected = naive.frame_gated_delta_rule(*exact, initial_state=state, reverse=mode == "reverse")
+    _check(actual, expected, BF16_TOL)
+
+
+def test_strided_inputs():
+    """Views as the model passes them: heads split by a transpose, a chunk sliced out of the frames."""
+    batch, heads, frames, tokens, dk, dv = 2, 2, 5, 24, 32, 32
+    q, k, v, beta, gamma = _inputs(50, batch=batch, heads=heads, frames=frames, tokens=tokens, dk=dk, dv=dv)
+    # (B, T, S, H, D) storage, seen as (B, H, T, S, D), then frames 1..3.
+    q, k, v = (t.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)[:, :, 1:4] for t in (q, k, v))
+    beta = beta.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[:, :, 1:4]
+    gamma = gamma.transpose(1, 2).contiguous().transpose(1, 2)[:, :, 1:4]
+    state = _state(5, batch, heads, dk, dv).transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not q.is_contiguous() and not state.is_contiguous()
+    x = (q, k, v, beta, gamma)
+    _check(triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state),
+           naive.frame_gated_delta_bidirectional(*x, initial_state=state), FP32_TOL)
+
+
+def test_full_model_head_at_real_token_count():
+    """One (batch, head) of the full model: S = 880 (a 40 x 22 latent), Dk = Dv = 112, a chunk of 3 frames."""
+    x = _inputs(60, batch=1, heads=1, frames=3, tokens=880, dk=112, dv=112)
+    state = _state(6, 1, 1, 112, 112)
+    _check(triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state),
+           naive.frame_gated_delta_bidirectional(*x, initial_state=state), FP32_TOL)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Streaming, batching, edge cases
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def test_streaming_equals_one_shot():
+    x = _inputs(70, frames=4)
+    one_out, one_final = triton_kernel.frame_gated_delta_rule(*x)
+    out_a, state = triton_kernel.frame_gated_delta_rule(*(t[:, :, :1] for t in x))
+    out_b, final = triton_kernel.frame_gated_delta_rule(*(t[:, :, 1:] for t in x), initial_state=state)
+    assert _rel(torch.cat([out_a, out_b], dim=2), one_out) < FP32_TOL
+    assert _rel(final, one_final) < FP32_TOL
+
+
+def test_batch_elements_are_independent():
+    x = _inputs(71, batch=3)
+    out, final = triton_kernel.frame_gated_delta_bidirectional(*x)
+    for b in range(3):
+        alone, alone_final = triton_kernel.frame_gated_delta_bidirectional(*(t[b : b + 1] for t in x))
+        assert torch.equal(out[b : b + 1], alone) and torch.equal(final[b : b + 1], alone_final)
+
+
+def test_initial_state_is_not_modified():
+    x = _inputs(72)
+    state = _state(7, 1, 2, 48, 48)
+    copy = state.clone()
+    triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state)
+    assert torch.equal(state, copy)
+
+
+def test_zero_frames_pass_the_state_through():
+    x = _inputs(73, frames=0)
+    state = _state(8, 1, 2, 48, 48)
+    out, final = triton_kernel.frame_gated_delta_rule(*x, initial_state=state)
+    assert out.shape == (1, 2, 0, 40, 48) and torch.equal(final, state)
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_shapes_raise_as_the_reference_does(case):
+    message, args, kwargs = _bad_cases()[case]
+    with pytest.raises(ValueError, match=message):
+        triton_kernel.frame_gated_delta_rule(*args, **kwargs)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Dispatch
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def test_dispatch_takes_the_reference_on_cpu_and_the_kernel_when_forced(monkeypatch):
+    x = _inputs(80)
+    ref = naive.frame_gated_delta_bidirectional(*x)
+    kernel = triton_kernel.frame_gated_delta_bidirectional(*x)
+    for choice in ("auto", "naive"):
+        monkeypatch.setenv(gated_delta.BACKEND_ENV, choice)
+        auto = gated_delta.frame_gated_delta_bidirectional(*x)
+        assert all(torch.equal(a, b) for a, b in zip(auto, ref))
+    monkeypatch.delenv(gated_delta.BACKEND_ENV, raising=False)
+    auto = gated_delta.frame_gated_delta_bidirectional(*x)
+    assert all(torch.equal(a, b) for a, b in zip(auto, ref))
+    monkeypatch.setenv(gated_delta.BACKEND_ENV, "triton")
+    forced = gated_delta.frame_gated_delta_bidirectional(*x)
+    assert all(torch.equal(a, b) for a, b in zip(forced, kernel))
+    forced = gated_delta.frame_gated_delta_rule(*x, reverse=True)
+    assert all(torch.equal(a, b) for a, b in zip(forced, triton_kernel.frame_gated_delta_rule(*x, reverse=True)))
+
+
+def test_dispatch_refuses_the_kernel_for_gradients_and_unknown_backends(monkeypatch):
+    q, k, v, beta, gamma = _inputs(81)
+    q.requires_grad_(True)
+    monkeypatch.setenv(gated_delta.BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match="no backward"):
+        gated_delta.frame_gated_delta_rule(q, k, v, beta, gamma)
+    with torch.no_grad():
+        gated_delta.frame_gated_delta_rule(q, k, v, beta, gamma)
+    monkeypatch.setenv(gated_delta.BACKEND_ENV, "fast")
+    with pytest.raises(ValueError, match="must be one of"):
+        gated_delta.frame_gated_delta_rule(q, k, v, beta, gamma)
+
+
+def test_compiles_without_graph_breaks(monkeypatch):
+    """Under torch.compile the launch is an opaque custom op: one graph, the kernel's numbers."""
+    monkeypatch.setenv(gated_delta.BACKEND_ENV, "triton")
+    x = _inputs(82)
+    state = _state(9, 1, 2, 48, 48)
+
+    def chunk(q, k, v, beta, gamma, state):
+        out, state = gated_delta.frame_gated_delta_bidirectional(q, k, v, beta, gamma, initial_state=state)
+        return out * 2, state
+
+    compiled = torch.compile(chunk, fullgraph=True, backend="aot_eager")
+    out, final = compiled(*x, state)
+    ref_out, ref_final = triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state)
+    assert torch.equal(out, ref_out * 2) and torch.equal(final, ref_final)
