@@ -92,7 +92,8 @@ def test_resume_is_bit_identical(tmp_path, tiny_vae_folder, script, args):
     assert whole["step"] == slots["step"] == 4
     for name, value in whole["model"].items():
         assert torch.equal(value, slots["model"][name]), name
-    assert list(read_log(tmp_path / "whole" / LOG_NAME)) == list(read_log(tmp_path / "slots" / LOG_NAME))
+    untimed = lambda path: [{k: v for k, v in row.items() if k != "seconds"} for row in read_log(path)]  # wall clock differs
+    assert untimed(tmp_path / "whole" / LOG_NAME) == untimed(tmp_path / "slots" / LOG_NAME)
 
 
 def test_demo_export_round_trip(tmp_path):

@@ -152,13 +152,15 @@ def train(model: nn.Module, loss_fn: LossFn, config: LoopConfig, out: Path, *, r
     """Optimise ``model`` until ``config.steps``, the time budget or ``stop_at`` (a slot boundary); returns the step reached.
 
     With ``resume`` it continues from ``out/checkpoint.pt``. A checkpoint is written every
-    ``config.checkpoint_every`` steps and when the loop ends; every step is logged to ``out/log.csv``.
+    ``config.checkpoint_every`` steps and when the loop ends; every step is logged to ``out/log.csv``
+    (its ``seconds`` column is the wall clock since this invocation began, for throughput).
     """
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
     step = load_checkpoint(out / CHECKPOINT_NAME, model, optimizer) if resume else 0
     end = min(config.steps, stop_at if stop_at is not None else config.steps)
-    deadline = time.monotonic() + 60.0 * config.minutes
+    began = time.monotonic()
+    deadline = began + 60.0 * config.minutes
     model.train()
     with CsvLog(out / LOG_NAME, keep_until=step) as csv_log:
         while step < end and time.monotonic() < deadline:
@@ -171,7 +173,8 @@ def train(model: nn.Module, loss_fn: LossFn, config: LoopConfig, out: Path, *, r
             grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
             optimizer.step()
             step += 1
-            csv_log.write({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, **metrics})
+            row = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm, **metrics}
+            csv_log.write({**row, "seconds": time.monotonic() - began})  # wall clock of this invocation
             if step % config.checkpoint_every == 0:
                 save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, step, config)
     save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, step, config)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from world_model.config import TransformerConfig, preset
 from world_model.schedule import STREAMING_TIMESTEPS
@@ -99,7 +99,9 @@ class LatentPool:
 
     @classmethod
     def load(cls, path: Path) -> LatentPool:
-        return cls(**torch.load(path, map_location="cpu", weights_only=True))
+        """A pool written by :meth:`save` (latents may be stored as float16 to carry them between machines)."""
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(data["latents"].float(), data["poses"].float(), data["intrinsics"].float())
 
 
 def flow_matching_loss(
@@ -157,8 +159,18 @@ def export_dit(model: SanaWMTransformer, vae_folder: Path, folder: str | Path, d
     dit.mkdir(parents=True, exist_ok=True)
     model.config.save(dit / "config.json")
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}, str(dit / WEIGHTS_NAME))
-    shutil.copytree(vae_folder, folder / "vae", dirs_exist_ok=True)
+    if (folder / "vae").resolve() != Path(vae_folder).resolve():
+        shutil.copytree(vae_folder, folder / "vae", dirs_exist_ok=True)
     return folder
+
+
+def load_exported(model: SanaWMTransformer, folder: Path) -> None:
+    """Load ``folder/transformer/`` weights (written by :func:`export_dit`) into ``model`` in its own dtype, strictly."""
+    path = folder / "transformer" / WEIGHTS_NAME
+    if not path.is_file():
+        raise SystemExit(f"{path}: no exported DiT weights")
+    model.load_state_dict(load_file(str(path)), strict=True)
+    log.info("started from %s", path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -166,6 +178,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_common_arguments(parser, default_lr=3e-4)
     parser.add_argument("--vae", required=True, help="the trained VAE folder (train_vae --export)")
     parser.add_argument("--model", default="demo", help="DiT preset (world_model.config.PRESETS)")
+    parser.add_argument("--init", help="start from the weights of an exported folder (--export) with a fresh optimizer")
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--p-schedule", type=float, default=NoiseConfig.p_schedule)
     parser.add_argument("--p-clean-history", type=float, default=NoiseConfig.p_clean_history)
@@ -190,7 +203,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = torch.device(args.device)
     out = Path(args.out)
     pool = latent_pool(args, out, device)
-    model = new_transformer(preset(args.model), args.seed).to(device)
+    model = new_transformer(preset(args.model), args.seed)
+    if args.init:
+        if args.resume:
+            raise SystemExit("--init and --resume exclude each other")
+        load_exported(model, Path(args.init))
+    model = model.to(device)
     count = sum(p.numel() for p in model.parameters())
     log.info("DiT %s: %d parameters (%.1f MB in bf16); latents %s", args.model, count, parameter_bytes(model) / 1e6, tuple(pool.latents.shape))
     noise = NoiseConfig(p_schedule=args.p_schedule, p_clean_history=args.p_clean_history)
