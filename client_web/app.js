@@ -1,9 +1,12 @@
 // The page served at `/`: a start screen (prompt, start image, samples, seed), then the live world in a
 // <world-stream> element with prompt changes, an end button and, where the server keeps replays, a
 // replay panel. All streaming logic lives in world-stream.js and sdk.js.
+//
+// The samples are the server's start scenes (GET /v1/scenes: what its model knows; a session names one
+// instead of uploading it); a server without that endpoint gets the canvas-painted scenes of scenes.js.
 
 import { SCENES, renderScene, sceneImage } from "./scenes.js";
-import { getInfo } from "./sdk.js";
+import { getInfo, getScenes, sceneUrl } from "./sdk.js";
 import "./world-stream.js";
 
 const MAX_IMAGE_SIDE = 2048; // larger uploads are scaled down here: the model works at 1280x704 at most
@@ -14,19 +17,23 @@ const world = $("world");
 window.worldStream = world; // for page scripts and the browser tests
 
 let info = null;
-let image = null; // the chosen start image (Blob), or null for the model's default scene
+let image = null; // the chosen start image (Blob), or null
+let scene = null; // or the id of the chosen server start scene; both null: the model's default scene
 let lastSession = null; // the newest session started here (the replay panel follows it)
 
 // -- start screen ---------------------------------------------------------------------------------------
-function showImage(blob, fromSample = null) {
+/** Choose the start image: an image `blob`, a server scene id (`sceneId`), or neither; `sample` marks its button. */
+function choose({ blob = null, sceneId = null, sample = null } = {}) {
   image = blob;
+  scene = sceneId;
   const preview = $("image-preview");
-  if (preview.src) URL.revokeObjectURL(preview.src);
-  preview.hidden = !blob;
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
   preview.removeAttribute("src");
-  if (blob) preview.src = URL.createObjectURL(blob);
-  $("clear-image").hidden = !blob;
-  for (const button of document.querySelectorAll(".sample")) button.classList.toggle("selected", button.dataset.scene === fromSample);
+  const src = blob ? URL.createObjectURL(blob) : sceneId ? sceneUrl("", sceneId) : null;
+  preview.hidden = !src;
+  if (src) preview.src = src;
+  $("clear-image").hidden = !src;
+  for (const button of document.querySelectorAll(".sample")) button.classList.toggle("selected", button.dataset.scene === sample);
 }
 
 async function chooseFile(file) {
@@ -37,7 +44,7 @@ async function chooseFile(file) {
     return;
   }
   try {
-    showImage(await shrink(file));
+    choose({ blob: await shrink(file) });
   } catch {
     $("start-error").textContent = `"${file.name}" cannot be read as an image.`;
   }
@@ -55,18 +62,38 @@ async function shrink(file) {
   return new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.92));
 }
 
-function buildSamples() {
-  for (const scene of SCENES) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "sample";
-    button.dataset.scene = scene.id;
-    button.append(renderScene(scene, 160, 88), Object.assign(document.createElement("span"), { textContent: scene.name }));
-    button.addEventListener("click", async () => {
-      $("prompt").value = scene.prompt;
-      showImage(await sceneImage(scene), scene.id);
+function addSample(id, title, picture, onClick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "sample";
+  button.dataset.scene = id;
+  button.append(picture, Object.assign(document.createElement("span"), { textContent: title }));
+  button.addEventListener("click", onClick);
+  $("samples").append(button);
+}
+
+async function buildSamples() {
+  let served = [];
+  try {
+    served = await getScenes();
+  } catch {
+    // an older server, or a failure: the canvas scenes below
+  }
+  if (Array.isArray(served) && served.length) {
+    for (const s of served) {
+      const picture = Object.assign(document.createElement("img"), { src: sceneUrl("", s.id), alt: "", width: 160, height: 88 });
+      addSample(s.id, s.title, picture, () => {
+        if (s.prompt) $("prompt").value = s.prompt;
+        choose({ sceneId: s.id, sample: s.id });
+      });
+    }
+    return;
+  }
+  for (const s of SCENES) {
+    addSample(s.id, s.name, renderScene(s, 160, 88), async () => {
+      $("prompt").value = s.prompt;
+      choose({ blob: await sceneImage(s), sample: s.id });
     });
-    $("samples").append(button);
   }
 }
 
@@ -83,7 +110,7 @@ function wireDropZone() {
     chooseFile(e.dataTransfer.files[0]);
   });
   $("image-file").addEventListener("change", (e) => chooseFile(e.target.files[0]));
-  $("clear-image").addEventListener("click", () => showImage(null));
+  $("clear-image").addEventListener("click", () => choose());
 }
 
 // -- playing --------------------------------------------------------------------------------------------
@@ -106,7 +133,7 @@ async function start() {
   $("replay-panel").hidden = true;
   showScreen(true);
   try {
-    await world.start({ prompt, image, seed });
+    await world.start({ prompt, image, scene, seed });
   } catch {
     $("end-button").hidden = true; // the element shows what went wrong, with a retry button
     $("new-button").hidden = false;

@@ -1,5 +1,6 @@
-// Built-in sample start scenes, painted procedurally on a canvas so nothing binary ships or downloads.
-// Each is deterministic (a seeded random generator), so a scene always gives the same start image.
+// Sample start scenes painted procedurally on a canvas, so nothing binary ships or downloads: what the page
+// offers when the server lists no start scenes of its own (GET /v1/scenes). Each is deterministic (a seeded
+// random generator), so a scene always gives the same start image.
 
 export const SCENE_WIDTH = 640; // 16:8.8, the aspect of the released model's 1280x704 video
 export const SCENE_HEIGHT = 352;

@@ -92,11 +92,23 @@ export function checkBrowser() {
   }
 }
 
-/** `POST /v1/sessions`: a new session, not yet connected. `image`: Blob/File, data URL or base64. */
-export async function createSession(server = "", { prompt, image = null, seed = 0, iceServers = [], graceMs = 30000 } = {}) {
+/** `GET /v1/scenes`: the server's named start scenes, `[{id, title, width, height, prompt}]`. */
+export function getScenes(server = "") {
+  return call(server, "GET", "/v1/scenes");
+}
+
+/** The URL of a start scene's PNG (`GET /v1/scenes/{id}.png`). */
+export function sceneUrl(server = "", id) {
+  return `${server}/v1/scenes/${encodeURIComponent(id)}.png`;
+}
+
+/** `POST /v1/sessions`: a new session, not yet connected. `image`: Blob/File, data URL or base64; or
+ * `scene`: the id of one of the server's start scenes (`getScenes`) instead of an image. */
+export async function createSession(server = "", { prompt, image = null, scene = null, seed = 0, iceServers = [], graceMs = 30000 } = {}) {
   const json = { prompt, seed };
   const encoded = await imageToBase64(image);
   if (encoded !== undefined) json.image = encoded;
+  if (scene != null) json.scene = scene;
   const created = await call(server, "POST", "/v1/sessions", { json });
   return new Session(server, created, { iceServers, graceMs });
 }

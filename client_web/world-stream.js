@@ -4,8 +4,9 @@
 //   <script type="module" src="https://host:8000/world-stream.js"></script>
 //   <world-stream server="https://host:8000" prompt="a quiet harbour at dusk" image="harbour.jpg" autostart></world-stream>
 //
-// Attributes: server (default: this page's origin), prompt, image (URL or data: URL), seed, autostart.
-// Methods: start({prompt, image, seed}) -> Session, setPrompt(text), end(). Properties: session, metrics.
+// Attributes: server (default: this page's origin), prompt, image (URL or data: URL), scene (the id of a
+// server start scene, instead of image), seed, autostart.
+// Methods: start({prompt, image, seed, scene}) -> Session, setPrompt(text), end(). Properties: session, metrics.
 // Events (bubbling, composed): started {session}, frame, stats, error, ended, connectionstatechange —
 // the SDK's events (sdk.js) re-dispatched from the element.
 
@@ -102,25 +103,28 @@ export class WorldStreamElement extends HTMLElement {
   }
 
   /** Create and connect a session; options override the attributes. Errors are shown and rethrown. */
-  async start({ prompt, image, seed } = {}) {
+  async start({ prompt, image, seed, scene } = {}) {
     if (this.session) await this.end();
     prompt = prompt ?? this.getAttribute("prompt") ?? "";
-    image = image ?? this.getAttribute("image");
+    if (image == null && scene == null) { // the start image is an option or an attribute, never a mix of both
+      image = this.getAttribute("image");
+      scene = this.getAttribute("scene");
+    }
     seed = seed ?? Number.parseInt(this.getAttribute("seed") || "0", 10);
     this._message("Starting a world…");
     let session;
     try {
       if (typeof image === "string" && image && !image.startsWith("data:")) image = await fetchImage(image);
-      session = await createSession(this.getAttribute("server") || "", { prompt, image: image || null, seed });
+      session = await createSession(this.getAttribute("server") || "", { prompt, image: image || null, scene: scene || null, seed });
     } catch (exc) {
-      this._showError(exc, () => this.start({ prompt, image, seed }));
+      this._showError(exc, () => this.start({ prompt, image, seed, scene }));
       throw exc;
     }
     this._bind(session);
     try {
       await session.connect();
     } catch (exc) {
-      this._showError(exc, () => this.start({ prompt, image, seed }));
+      this._showError(exc, () => this.start({ prompt, image, seed, scene }));
       this._unbind();
       session.end().catch(() => {}); // free the slot we took
       throw exc;

@@ -1,4 +1,5 @@
-"""The HTTP API of interface.md: sessions, signalling, status, WebSocket controls, info, health, metrics.
+"""The HTTP API of interface.md: sessions, signalling, status, WebSocket controls, start scenes, info, health,
+metrics.
 
 Every failure is answered as JSON ``{"error": {"code", "message"}}`` with a 4xx/5xx status and touches
 no other session; unexpected exceptions are logged and answered with a bare 500.
@@ -21,11 +22,13 @@ from .loop import EngineLoop
 from .metrics import ServerMetrics
 from .protocol import MAX_PROMPT_CHARS, error_event, encode
 from .rtc import OfferError
+from .scenes import SceneCatalog
 from .sessions import EndedSession, ServerFull, Session, SessionRegistry
 
 log = logging.getLogger(__name__)
 
 _MAX_SEED = 2**63 - 1
+_CREATE_FIELDS = {"prompt", "image", "scene", "seed"}
 
 
 class ApiError(Exception):
@@ -116,18 +119,21 @@ class Api:
     """Request handlers over one registry, engine loop and metrics."""
 
     def __init__(self, config: ServerConfig, info: EngineInfo, registry: SessionRegistry, loop: EngineLoop,
-                 metrics: ServerMetrics, answer: Callable[[Session, str], Awaitable[str]]) -> None:
+                 metrics: ServerMetrics, answer: Callable[[Session, str], Awaitable[str]], scenes: SceneCatalog) -> None:
         self.config = config
         self.info = info
         self.registry = registry
         self.loop = loop
         self.metrics = metrics
         self.answer = answer
+        self.scenes = scenes
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/info", self.get_info)
         app.router.add_get("/metrics", self.get_metrics)
+        app.router.add_get("/v1/scenes", self.list_scenes)
+        app.router.add_get("/v1/scenes/{id}.png", self.scene_png)
         app.router.add_post("/v1/sessions", self.create_session)
         app.router.add_post("/v1/sessions/{id}/offer", self.offer)
         app.router.add_get("/v1/sessions/{id}", self.status)
@@ -177,13 +183,22 @@ class Api:
         response.headers["Content-Type"] = self.metrics.content_type
         return response
 
-    async def _create_fields(self, request: web.Request) -> tuple[Any, Any, Any]:
-        """(prompt, image bytes or None, seed) from a JSON or multipart body, not yet validated."""
+    async def list_scenes(self, request: web.Request) -> web.Response:
+        return web.json_response(self.scenes.listing())
+
+    async def scene_png(self, request: web.Request) -> web.Response:
+        scene_id = request.match_info["id"]
+        if scene_id not in self.scenes:
+            raise ApiError(404, "not_found", f"no start scene {scene_id!r}; GET /v1/scenes lists them")
+        return web.Response(body=await self.scenes.png(scene_id), content_type="image/png")
+
+    async def _create_fields(self, request: web.Request) -> tuple[Any, Any, Any, Any]:
+        """(prompt, image bytes or None, scene id or None, seed) from a JSON or multipart body, not yet validated."""
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
             raise ApiError(413, "body_too_large", f"the body exceeds {self.config.max_body_bytes} bytes")
         if request.content_type == "multipart/form-data":
             form = await request.post()
-            unknown = set(form) - {"prompt", "image", "seed"}
+            unknown = set(form) - _CREATE_FIELDS
             if unknown:
                 raise ApiError(400, "bad_request", f"unknown fields {sorted(unknown)}")
             image = form.get("image")
@@ -197,9 +212,9 @@ class Api:
                     seed = int(seed)
                 except ValueError:
                     raise ApiError(400, "bad_request", "seed must be an integer") from None
-            return form.get("prompt"), image, seed
+            return form.get("prompt"), image, form.get("scene"), seed
         body = await self._json_body(request)
-        unknown = set(body) - {"prompt", "image", "seed"}
+        unknown = set(body) - _CREATE_FIELDS
         if unknown:
             raise ApiError(400, "bad_request", f"unknown fields {sorted(unknown)}")
         image = body.get("image")
@@ -207,11 +222,24 @@ class Api:
             if not isinstance(image, str):
                 raise ApiError(400, "bad_request", "image must be a base64 string")
             image = decode_base64(image)
-        return body.get("prompt"), image, body.get("seed", 0)
+        return body.get("prompt"), image, body.get("scene"), body.get("seed", 0)
+
+    async def _start_image(self, image_bytes: Any, scene: Any) -> Any:
+        """The session's start image (uint8 RGB array): the uploaded one, a named scene, or None (the model's
+        default)."""
+        if scene is None:
+            return None if image_bytes is None else decode_image(image_bytes, self.config.max_image_pixels)
+        if image_bytes is not None:
+            raise ApiError(400, "bad_request", "send either image or scene, not both")
+        if not isinstance(scene, str):
+            raise ApiError(400, "bad_request", "scene must be a scene id (a string)")
+        if scene not in self.scenes:
+            raise ApiError(400, "unknown_scene", f"no start scene {scene!r}; GET /v1/scenes lists them")
+        return await self.scenes.rgb(scene)
 
     async def create_session(self, request: web.Request) -> web.Response:
         try:
-            prompt, image_bytes, seed = await self._create_fields(request)
+            prompt, image_bytes, scene, seed = await self._create_fields(request)
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ApiError(400, "bad_request", "prompt must be a non-empty string")
             if len(prompt) > MAX_PROMPT_CHARS:
@@ -220,7 +248,7 @@ class Api:
                 seed = 0
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
                 raise ApiError(400, "bad_request", "seed must be an integer in [0, 2^63)")
-            image = None if image_bytes is None else decode_image(image_bytes, self.config.max_image_pixels)
+            image = await self._start_image(image_bytes, scene)
         except ImageError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         try:

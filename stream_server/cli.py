@@ -34,7 +34,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """Flags that choose and place the model (shared by the commands that run it)."""
-    parser.add_argument("--model", default="tiny", help="built-in preset (default: tiny, random weights)")
+    parser.add_argument("--model", default="demo",
+                        help="built-in preset: demo (default; trained weights ship with the package), tiny, sana-wm-streaming, ... (random weights)")
+    parser.add_argument("--random-weights", action="store_true", help="random weights even for a preset that ships trained ones (demo)")
     parser.add_argument("--checkpoint", help="a downloaded SANA-WM_streaming release folder")
     parser.add_argument("--text-encoder", help="Gemma-2-2B-IT folder for --checkpoint (default: found beside it)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -51,7 +53,8 @@ def engine_from_args(args: argparse.Namespace):
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     try:
-        return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder, chunk_frames=args.chunk_frames, compile=args.compile)
+        return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder,
+                            chunk_frames=args.chunk_frames, compile=args.compile, random_weights=args.random_weights)
     except (CheckpointError, EngineError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
     except RuntimeError as exc:  # e.g. a CUDA device that is not there
@@ -154,8 +157,18 @@ def start_refine_worker(args: argparse.Namespace):
     import importlib.util
     import subprocess
 
+    from world_model.engine import SHIPPED_WEIGHTS
+
+    logger = logging.getLogger("stream_server")
     if importlib.util.find_spec("world_model.refiner") is None:
-        logging.getLogger("stream_server").warning("no refiner (world_model/refiner.py): sessions are recorded and queued but not refined")
+        logger.warning("no refiner (world_model/refiner.py): sessions are recorded and queued but not refined")
+        return None
+    from world_model.refiner import REFINER_PRESETS
+
+    trained = args.model in SHIPPED_WEIGHTS and not args.random_weights
+    if args.checkpoint is None and (trained or args.model not in REFINER_PRESETS):
+        # The refiner has random-weight presets only; one would turn a trained model's latents into noise.
+        logger.warning("no refiner for the %s model: sessions are recorded (with their live preview) and queued but not refined", args.model)
         return None
     command = [sys.executable, "-m", "stream_server.cli", "refine", "--data-dir", args.data_dir, "--follow", "--low-priority",
                "--model", args.model, "--device", args.device]
@@ -194,7 +207,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     try:
         refine, vae = load_refiner(args.model, args.checkpoint, device=args.device, dtype=dtype)
-    except RefinerUnavailable as exc:
+    except (RefinerUnavailable, ValueError) as exc:  # ValueError: a model with no refiner preset (e.g. demo)
         raise CliError(str(exc)) from None
     worker = RefineWorker(store, queue, refine, vae, model=args.model, lease_seconds=args.lease)
     finished = worker.run(args.session_id, follow=args.follow)
@@ -218,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="offline streaming generation to an MP4")
-    gen.add_argument("--image", help="start image (any size: resized and centre-cropped; default: a plain scene)")
+    gen.add_argument("--image", help="start image (any size: resized and centre-cropped; default: the model's start scene)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--actions", required=True, help="action script, e.g. w-16,d-16,none-8 (the last segment repeats)")
     gen.add_argument("--seconds", type=float, required=True, help="length of the video")
@@ -228,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="measure chunk latency, sessions at real time and memory (random weights without --checkpoint)")
+    bench = sub.add_parser("bench", help="measure chunk latency, sessions at real time and memory (built-in presets need no download)")
     bench.add_argument("--sessions", type=int, default=1, help="measure batches of 1, 2, 4, ... up to this many sessions")
     bench.add_argument("--seconds", type=float, default=6.0, help="video seconds timed per batch size")
     bench.add_argument("--json", action="store_true", help="print one JSON object")

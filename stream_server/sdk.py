@@ -135,11 +135,19 @@ class StreamClient:
     async def health(self) -> dict[str, Any]:
         return await self.request("GET", "/healthz")
 
-    async def create_session(self, prompt: str, image: bytes | np.ndarray | None = None, seed: int = 0) -> Session:
-        """``POST /v1/sessions``; ``image``: PNG/JPEG bytes or an (H, W, 3) uint8 array (None: default scene)."""
+    async def scenes(self) -> list[dict[str, Any]]:
+        """``GET /v1/scenes``: the server's named start scenes (``id``, ``title``, ``width``, ``height``, ``prompt``)."""
+        return await self.request("GET", "/v1/scenes")
+
+    async def create_session(self, prompt: str, image: bytes | np.ndarray | None = None, seed: int = 0, *,
+                             scene: str | None = None) -> Session:
+        """``POST /v1/sessions``; ``image``: PNG/JPEG bytes or an (H, W, 3) uint8 array, or ``scene``: the id of
+        one of :meth:`scenes` (neither: the model's default start scene)."""
         body: dict[str, Any] = {"prompt": prompt, "seed": seed}
         if image is not None:
             body["image"] = encode_image(image)
+        if scene is not None:
+            body["scene"] = scene
         created = await self.request("POST", "/v1/sessions", json_body=body)
         session = Session(self, created["session_id"], created["token"], created["expires_in"])
         self._sessions.append(session)

@@ -13,6 +13,7 @@ Long sessions: RoPE time positions are re-based (``SanaWMTransformer.rebase_stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -51,12 +52,17 @@ DEFAULT_SIZE = {"tiny": (256, 128), "demo": (256, 160), "sana-wm-streaming": (12
 VAE_FOR = {"tiny": "tiny", "demo": "demo", "sana-wm-streaming": "ltx2", "sana-wm-bidirectional": "ltx2"}
 # Caption width of the small presets, which read hash-text features (Gemma gives 2304).
 HASH_CAPTION_CHANNELS = 24
+# Presets whose trained weights ship inside the package (``transformer/`` and ``vae/`` diffusers folders,
+# as ``world_model.training.train_dit --export`` writes them); the other presets only have random weights.
+SHIPPED_WEIGHTS = {"demo": Path(__file__).resolve().parent / "demo"}
+_SHIPPED_FILES = ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str = "tiny"  # a preset name; with ``checkpoint`` only used as a label
+    model: str = "demo"  # a preset name; with ``checkpoint`` only used as a label
     checkpoint: str | None = None  # a SANA-WM_streaming release folder (or a DiT file / transformer folder)
+    random_weights: bool = False  # the preset with random weights (from ``seed``) even where trained ones ship
     vae: str | None = None  # diffusers VAE folder; default: the checkpoint's ltx2_causal_vae/ or vae/
     text_encoder: str | None = None  # Gemma-2-2B-IT folder or "hash"; default: found beside the checkpoint
     device: str = "cpu"
@@ -119,6 +125,11 @@ class StreamingEngine:
             dtype=config.dtype,
         )
         self._sessions: dict[str, _Session] = {}
+        # A model of the demo geometry (shipped, exported by training or random) knows the procedural renderer's
+        # worlds only: it starts from one of its scenes, rendered on the first session that brings no image.
+        demo = preset("demo")
+        self._renderer_world = dataclasses.replace(model.config, camera_math=demo.camera_math) == demo
+        self._default_image: np.ndarray | None = None
 
     # ---- sessions -------------------------------------------------------------------------------------
 
@@ -126,12 +137,25 @@ class StreamingEngine:
         _check_prompt(prompt)
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
             raise EngineError(f"seed must be an integer in [0, 2^63); got {seed!r}")
-        rgb = prepare_image(image, self.info.width, self.info.height) if image is not None else default_image(self.info.width, self.info.height)
+        rgb = prepare_image(image, self.info.width, self.info.height) if image is not None else self.default_image()
         with torch.inference_mode():
             anchor = self.vae.encode_image(rgb)[:, :, 0].float()
         sid = secrets.token_hex(8)
         self._sessions[sid] = _Session(sid, prompt, seed, torch.Generator().manual_seed(seed), anchor)
         return sid
+
+    def default_image(self) -> np.ndarray:
+        """The start image of sessions opened without one: for a model trained on the procedural renderer,
+        a held-out scene of it (``start_scenes.DEFAULT_SCENE``); otherwise a plain sky over a ground plane."""
+        if self._default_image is None:
+            width, height = self.info.width, self.info.height
+            if self._renderer_world:
+                from .start_scenes import DEFAULT_SCENE, render_scene
+
+                self._default_image = render_scene(DEFAULT_SCENE, width, height, self.config.fov_deg)
+            else:
+                self._default_image = default_image(width, height)
+        return self._default_image
 
     def set_prompt(self, session_id: str, prompt: str) -> None:
         _check_prompt(prompt)
@@ -340,15 +364,20 @@ def default_image(width: int, height: int) -> np.ndarray:
 # ---- building ------------------------------------------------------------------------------------------
 
 
-def build_engine(model: str = "tiny", checkpoint: str | None = None, device: str = "cpu", dtype: str = "fp32", **options) -> StreamingEngine:
-    """An engine for a preset with random weights (``model``) or a downloaded release (``checkpoint``)."""
+def build_engine(model: str = "demo", checkpoint: str | None = None, device: str = "cpu", dtype: str = "fp32", **options) -> StreamingEngine:
+    """An engine for a built-in preset (``model``: its shipped trained weights where the package has them, as
+    for ``demo``, else random ones; ``random_weights=True`` forces random ones) or a downloaded release
+    (``checkpoint``)."""
     config = EngineConfig(model=model, checkpoint=checkpoint, device=device, dtype=dtype, **options)
     if dtype not in DTYPES:
         raise EngineError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    if checkpoint is not None and config.random_weights:
+        raise EngineError("random_weights and checkpoint exclude each other: random weights are for built-in presets")
+    if checkpoint is None and model not in VAE_FOR:
+        raise EngineError(f"unknown model {model!r}; built in: {', '.join(sorted(VAE_FOR))}")
     torch_dtype = DTYPES[dtype]
-    if checkpoint is None:
-        if model not in VAE_FOR:
-            raise EngineError(f"unknown model {model!r}; built in: {', '.join(sorted(VAE_FOR))}")
+    root = Path(checkpoint) if checkpoint is not None else None if config.random_weights else shipped_weights(model)
+    if root is None:
         cfg = preset(model)
         with torch.random.fork_rng(devices=[]), torch.device(device):  # built in place: 2.7 B params on a GPU
             torch.manual_seed(config.seed)
@@ -356,7 +385,6 @@ def build_engine(model: str = "tiny", checkpoint: str | None = None, device: str
         vae = VideoVAE.from_preset(VAE_FOR[model], seed=config.seed, dtype=torch_dtype, device=device)
         text: TextEncoder = HashTextEncoder(caption_channels=cfg.caption_channels)
     else:
-        root = Path(checkpoint)
         transformer = load_transformer(root)
         vae_dir = Path(config.vae) if config.vae else _first_dir(root, ("ltx2_causal_vae", "vae"), "causal VAE")
         vae = VideoVAE.from_pretrained(vae_dir, dtype=torch_dtype, device=device)
@@ -372,6 +400,21 @@ def build_engine(model: str = "tiny", checkpoint: str | None = None, device: str
     if transformer.config.in_channels != vae.latent_channels:
         raise CheckpointError(f"the DiT expects {transformer.config.in_channels} latent channels, the VAE gives {vae.latent_channels}")
     return StreamingEngine(transformer, vae, text, config)
+
+
+def shipped_weights(model: str) -> Path | None:
+    """The folder of ``model``'s trained weights inside the package, or None for presets that ship none.
+    A preset that should have them but whose files are gone (a stripped install) is an ``EngineError``."""
+    root = SHIPPED_WEIGHTS.get(model)
+    if root is None:
+        return None
+    missing = [name for name in _SHIPPED_FILES if not (root / name).is_file()]
+    if missing:
+        raise EngineError(
+            f"the trained {model} model's weights are missing from {root} ({', '.join(missing)}); reinstall "
+            f"sana-wm-stream, or use random weights (random_weights=True, --random-weights)"
+        )
+    return root
 
 
 def _default_text_encoder(root: Path, caption_channels: int) -> str:

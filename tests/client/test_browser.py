@@ -110,13 +110,21 @@ def api(server: str, method: str, path: str, body: dict | None = None, token: st
 def test_app_streams_a_sample_scene_and_follows_the_keys(page, server, screenshots):
     page.goto(server + "/")
     page.wait_for_function("() => document.querySelector('#server-info').textContent.includes('tiny')")
-    assert page.locator(".sample").count() == 3
+    status, scenes = api(server, "GET", "/v1/scenes")
+    assert status == 200 and len(scenes) >= 3
+    page.wait_for_function(f"() => document.querySelectorAll('.sample img').length === {len(scenes)}")  # the server's scenes
+    page.wait_for_function("() => [...document.querySelectorAll('.sample img')].every((img) => img.complete && img.naturalWidth > 0)")
     page.screenshot(path=str(screenshots / "start.png"))
 
-    page.click(".sample[data-scene=meadow]")
+    scene = scenes[0]
+    page.click(f".sample[data-scene={scene['id']}]")
     page.wait_for_selector("#image-preview:not([hidden])")
-    assert "meadow" in page.input_value("#prompt")
-    page.click("#start-button")
+    assert page.get_attribute("#image-preview", "src") == f"/v1/scenes/{scene['id']}.png"
+    assert page.input_value("#prompt") == scene["prompt"]
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/sessions")) as created:
+        page.click("#start-button")
+    body = json.loads(created.value.post_data)
+    assert body["scene"] == scene["id"] and "image" not in body  # the id, not an upload
     page.wait_for_function("() => document.querySelector('world-stream').metrics.frames > 0", timeout=STREAM_TIMEOUT_MS)
     page.wait_for_function(f"() => {VIDEO}.currentTime > 0", timeout=STREAM_TIMEOUT_MS)
     start = video_time(page)
@@ -155,6 +163,16 @@ def test_app_streams_a_sample_scene_and_follows_the_keys(page, server, screensho
     page.wait_for_function("() => !document.querySelector('#new-button').hidden")
     assert on_screen_message(page) == "Session ended."
     assert page.evaluate("() => document.querySelector('world-stream').session") is None
+
+
+def test_without_server_scenes_the_app_offers_its_canvas_scenes(page, server):
+    page.route("**/v1/scenes", lambda route: route.fulfill(status=404, content_type="application/json", body='{"error": {"code": "not_found", "message": "x"}}'))
+    page.goto(server + "/")
+    page.wait_for_function("() => document.querySelectorAll('.sample canvas').length === 3")
+    assert page.locator(".sample img").count() == 0
+    page.click(".sample[data-scene=meadow]")
+    page.wait_for_selector("#image-preview:not([hidden])")
+    assert page.get_attribute("#image-preview", "src").startswith("blob:") and "meadow" in page.input_value("#prompt")
 
 
 def test_server_full_is_explained(page, server):

@@ -85,6 +85,17 @@ async def test_round_trip_over_the_websocket(server):
         assert ended["reason"] == "deleted"
 
 
+async def test_a_session_from_a_named_scene_streams(server):
+    async with StreamClient(server) as client:
+        info, scenes = await client.info(), await client.scenes()
+        assert len(scenes) >= 3 and all((s["width"], s["height"]) == (info["width"], info["height"]) for s in scenes)
+        session = await client.create_session(prompt=scenes[-1]["prompt"], scene=scenes[-1]["id"])
+        await session.connect()
+        (frame,) = await frames_until(session, lambda f: True)
+        assert frame.rgb.shape == (info["height"], info["width"], 3)
+        await session.end()
+
+
 async def test_server_errors_are_raised(server):
     async with StreamClient(server) as client:
         with pytest.raises(ServerError) as empty:
@@ -93,6 +104,9 @@ async def test_server_errors_are_raised(server):
         with pytest.raises(ServerError) as garbage:
             await client.create_session(prompt="x", image=b"not an image")
         assert garbage.value.status == 400
+        with pytest.raises(ServerError) as no_scene:
+            await client.create_session(prompt="x", scene="no-such-scene")
+        assert (no_scene.value.status, no_scene.value.code) == (400, "unknown_scene")
 
         session = await client.create_session(prompt="a quiet harbour")
         intruder = Session(client, session.id, "not-the-token", 0)

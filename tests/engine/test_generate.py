@@ -1,4 +1,5 @@
-"""``sana-wm-stream generate`` and ``bench`` on the tiny preset: real MP4s, one-line errors."""
+"""``sana-wm-stream generate`` and ``bench``: real MP4s (the tiny preset; one short clip of the default demo
+model), one-line errors, the model flags."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stream_server.cli import main
+from stream_server.cli import build_parser, main
 
 
 def _frames(path):
@@ -23,7 +24,7 @@ def test_generate_writes_an_h264_clip_of_the_asked_length(tmp_path, capsys):
     image = tmp_path / "start.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 300, 3), dtype=np.uint8)).save(image)
     out = tmp_path / "clip.mp4"
-    rc = main(["generate", "--image", str(image), "--prompt", "a harbour", "--actions", "w-8,d-4", "--seconds", "2", "-o", str(out), "-q"])
+    rc = main(["generate", "--model", "tiny", "--image", str(image), "--prompt", "a harbour", "--actions", "w-8,d-4", "--seconds", "2", "-o", str(out), "-q"])
     assert rc == 0
     frames, rate = _frames(out)
     assert len(frames) == 32 and rate == 16  # 2 s at 16 fps: the second chunk is cut to length
@@ -46,7 +47,7 @@ def test_generate_writes_an_h264_clip_of_the_asked_length(tmp_path, capsys):
     ],
 )
 def test_generate_bad_input_is_one_line(tmp_path, capsys, args, message):
-    base = {"--prompt": "x", "--actions": "w-8", "--seconds": "1", "-o": str(tmp_path / "x.mp4")}
+    base = {"--model": "tiny", "--prompt": "x", "--actions": "w-8", "--seconds": "1", "-o": str(tmp_path / "x.mp4")}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
     argv = ["generate", "-q"] + [item for pair in base.items() for item in pair]
@@ -56,9 +57,33 @@ def test_generate_bad_input_is_one_line(tmp_path, capsys, args, message):
 
 
 def test_bench_prints_the_interface_json(capsys):
-    assert main(["bench", "--sessions", "2", "--seconds", "1.5", "--json"]) == 0
+    assert main(["bench", "--model", "tiny", "--sessions", "2", "--seconds", "1.5", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("model", "device", "dtype", "sessions", "chunk_ms_p50", "chunk_ms_p95", "realtime_factor", "max_realtime_sessions", "state_bytes_per_session", "peak_memory_bytes"):
         assert key in result
     assert result["sessions"] == 2 and [b["sessions"] for b in result["batches"]] == [1, 2]
     assert result["chunk_ms_p50"] > 0 and result["state_bytes_per_session"] > 0
+
+
+def test_the_demo_model_is_the_default_and_random_weights_a_flag():
+    parser = build_parser()
+    for command in (["serve"], ["bench"], ["generate", "--prompt", "x", "--actions", "w-8", "--seconds", "1", "-o", "x.mp4"]):
+        args = parser.parse_args(command)
+        assert (args.model, args.random_weights) == ("demo", False)
+        assert parser.parse_args([*command, "--random-weights"]).random_weights is True
+    assert parser.parse_args(["refine"]).model == "tiny"  # the refiner has random-weight presets only (tiny)
+
+
+def test_random_weights_with_a_checkpoint_is_one_line(tmp_path, capsys):
+    argv = ["generate", "-q", "--prompt", "x", "--actions", "w-8", "--seconds", "1", "-o", str(tmp_path / "x.mp4"), "--checkpoint", "/", "--random-weights"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "exclude each other" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_generate_runs_the_shipped_demo_model_by_default(tmp_path, capsys):
+    out = tmp_path / "demo.mp4"
+    assert main(["generate", "--prompt", "a walk", "--actions", "w-8", "--seconds", "0.5", "--chunk-frames", "1", "-o", str(out), "-q"]) == 0
+    frames, _ = _frames(out)
+    assert len(frames) == 8 and frames[0].shape == (160, 256, 3)
+    assert "256x160" in capsys.readouterr().out

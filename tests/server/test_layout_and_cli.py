@@ -14,7 +14,7 @@ from stream_server.cli import main
 
 SERVER = Path(__file__).resolve().parents[2] / "stream_server"
 # The live server's modules (cli, generate and bench drive the engine directly and may reach torch).
-SERVER_MODULES = ("api", "app", "config", "images", "loop", "media", "metrics", "protocol", "rtc", "scheduler", "sessions")
+SERVER_MODULES = ("api", "app", "config", "images", "loop", "media", "metrics", "protocol", "rtc", "scenes", "scheduler", "sessions")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -87,3 +87,19 @@ def test_serve_unknown_flag_is_one_line(capsys):
     with pytest.raises(SystemExit) as info:
         main(["serve", "--frobnicate"])
     assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_serve_starts_no_refine_worker_for_models_without_a_refiner(caplog):
+    from stream_server.cli import build_parser, start_refine_worker
+
+    for argv in (["serve"], ["serve", "--model", "demo", "--random-weights"], ["serve", "--model", "sana-wm-streaming"]):
+        with caplog.at_level("WARNING", logger="stream_server"):
+            assert start_refine_worker(build_parser().parse_args(argv)) is None
+        assert "no refiner for the" in caplog.text
+        caplog.clear()
+
+
+def test_refine_of_a_model_without_a_refiner_is_one_line(tmp_path, capsys):
+    assert main(["refine", "--data-dir", str(tmp_path), "--model", "demo"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "demo" in err and "Traceback" not in err
