@@ -168,11 +168,14 @@ async function followReplay(session) {
       return;
     }
     if (lastSession !== session) return; // a newer session took over the panel
-    $("replay-state").textContent = replay.state === "done" ? "Replay ready." : replay.state === "failed"
+    const previewOnly = replay.state === "done" && replay.refined === false; // no refiner for the model
+    $("replay-state").textContent = previewOnly ? `Replay ready, live quality only (${replay.reason}).`
+      : replay.state === "done" ? "Replay ready." : replay.state === "failed"
       ? "The replay could not be made." : `Replay ${replay.state}: ${Math.round(100 * (replay.progress || 0))}%`;
     if (replay.state === "done") {
       $("replay-preview").href = `${base}/preview.mp4?token=${token}`;
       $("replay-refined").href = `${base}/refined.mp4?token=${token}`;
+      $("replay-refined-item").hidden = previewOnly;
       $("replay-links").hidden = false;
       return;
     }

@@ -60,8 +60,9 @@ class ServerParts:
         if config.data_dir is not None:  # record sessions and serve their replays
             store = RecordingStore(config.data_dir)
             self.jobs = jobs = JobQueue(config.data_dir)
-            recover_recordings(store, jobs)  # recordings a killed server left open; before any session records
-            self.recorder = Recorder(store, info, jobs.enqueue)
+            unrefined = {} if config.no_refiner is None else {info.model: config.no_refiner}  # their replays: preview-only
+            recover_recordings(store, jobs, unrefined=unrefined)  # left open by a killed server; before any session records
+            self.recorder = Recorder(store, info, jobs.enqueue, unrefined=unrefined)
             self.loop.on_chunk = self.recorder.chunk
             self.registry.end_hooks.append(self.recorder.end)
             self.replays = Replays(store, self.jobs)

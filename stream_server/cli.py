@@ -120,10 +120,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .config import ServerConfig
 
     ttl, max_bytes = retention_from_args(args)
+    no_refiner = serve_no_refiner(args)
     config = ServerConfig(
         host=args.host, port=args.port, max_sessions=args.max_sessions, data_dir=Path(args.data_dir),
         ice_servers=tuple(args.ice_server), allow_origins=tuple(args.allow_origin),
         idle_timeout=args.idle_timeout, grace_period=args.grace_period, replay_ttl=ttl, max_replay_bytes=max_bytes,
+        no_refiner=no_refiner,
     )
     engine = engine_from_args(args)  # the one place the server reaches torch
     info = engine.info
@@ -132,7 +134,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "serving %s (%dx%d @ %d fps, %s %s) on http://%s:%d", info.model, info.width, info.height, info.fps,
         info.device, info.dtype, args.host, args.port,
     )
-    worker = None if args.no_refine else start_refine_worker(args)
+    if no_refiner is not None:
+        logger.warning("%s: sessions are recorded with their live preview and their replays are preview-only", no_refiner)
+    worker = None if args.no_refine or no_refiner is not None else start_refine_worker(args)
     try:
         web.run_app(create_app(engine, config), host=args.host, port=args.port, print=None)
     finally:
@@ -151,24 +155,22 @@ def retention_from_args(args: argparse.Namespace) -> tuple[float | None, int | N
     return args.replay_ttl, None if args.max_replay_gb is None else int(args.max_replay_gb * 1e9)
 
 
+def serve_no_refiner(args: argparse.Namespace) -> str | None:
+    """Why no refiner can be built for the model ``serve`` runs (its replays are then preview-only), or None."""
+    from world_model.engine import SHIPPED_WEIGHTS
+
+    from .refining import refiner_unavailable
+
+    trained = args.model in SHIPPED_WEIGHTS and not args.random_weights
+    return refiner_unavailable(args.model, args.checkpoint, trained=trained)
+
+
 def start_refine_worker(args: argparse.Namespace):
     """The refinement worker of ``serve``: ``refine --follow --low-priority`` as a child process (see
     :mod:`stream_server.refining` for the priority policy); None when no refiner is available."""
-    import importlib.util
     import subprocess
 
-    from world_model.engine import SHIPPED_WEIGHTS
-
-    logger = logging.getLogger("stream_server")
-    if importlib.util.find_spec("world_model.refiner") is None:
-        logger.warning("no refiner (world_model/refiner.py): sessions are recorded and queued but not refined")
-        return None
-    from world_model.refiner import REFINER_PRESETS
-
-    trained = args.model in SHIPPED_WEIGHTS and not args.random_weights
-    if args.checkpoint is None and (trained or args.model not in REFINER_PRESETS):
-        # The refiner has random-weight presets only; one would turn a trained model's latents into noise.
-        logger.warning("no refiner for the %s model: sessions are recorded (with their live preview) and queued but not refined", args.model)
+    if serve_no_refiner(args) is not None:
         return None
     command = [sys.executable, "-m", "stream_server.cli", "refine", "--data-dir", args.data_dir, "--follow", "--low-priority",
                "--model", args.model, "--device", args.device]
@@ -201,13 +203,16 @@ def cmd_refine(args: argparse.Namespace) -> int:
     store, queue = RecordingStore(data_dir), JobQueue(data_dir)
     apply_retention(store, queue, Retention(ttl, max_bytes))
     if args.session_id is not None and queue.get(args.session_id) is None:
+        meta = store.read_meta(args.session_id) or {}
+        if meta.get("preview_only"):
+            raise CliError(f"session {args.session_id} is preview-only, not refined: {meta['preview_only']}")
         raise CliError(f"no refinement job for session {args.session_id}")
     from .refining import RefineWorker, RefinerUnavailable, load_refiner
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     try:
         refine, vae = load_refiner(args.model, args.checkpoint, device=args.device, dtype=dtype)
-    except (RefinerUnavailable, ValueError) as exc:  # ValueError: a model with no refiner preset (e.g. demo)
+    except (RefinerUnavailable, ValueError) as exc:
         raise CliError(str(exc)) from None
     worker = RefineWorker(store, queue, refine, vae, model=args.model, lease_seconds=args.lease)
     finished = worker.run(args.session_id, follow=args.follow)

@@ -13,6 +13,7 @@ class ServerConfig:
     max_sessions: int = 8  # live sessions (created, streaming or in their grace period) at once
     max_batch: int | None = None  # sessions per engine step; None: max_sessions
     data_dir: Path | None = None  # recordings, replays and the refinement queue; None: nothing is recorded
+    no_refiner: str | None = None  # why the served model has no refiner: replays are preview-only, no job; None: queued
     replay_ttl: float | None = None  # seconds a replay is kept after its session ended; None: no limit
     max_replay_bytes: int | None = None  # total size of replays kept (oldest deleted first); None: no limit
     retention_interval: float = 300.0  # seconds between applications of the two limits above

@@ -27,6 +27,10 @@ mid-session (SIGKILL, power loss) leaves folders without it; :func:`recover_reco
 at start before any session records, finishes them: it keeps the chunks that every file holds whole
 (the preview's complete fragments included), cuts the rest, marks the recording ended with reason
 ``recovered`` and queues it for refinement.
+
+A finished recording of a model the server has no refiner for (``unrefined``: model -> why, e.g. the
+trained ``demo`` model) gets no refinement job: ``meta.json`` says why in ``preview_only``, and its replay is
+final with only ``preview.mp4``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -189,8 +193,9 @@ class SessionRecording:
     def _writing(self) -> bool:
         return not self._closed and self.error is None and self._thread.is_alive()
 
-    async def close(self, ended: dict[str, Any]) -> None:
-        """Write what is queued, close the video and finish ``meta.json`` with ``ended``."""
+    async def close(self, ended: dict[str, Any], *, preview_only: str | None = None) -> None:
+        """Write what is queued, close the video and finish ``meta.json`` with ``ended``; ``preview_only``:
+        why the recording will not be refined (kept only when the recording is whole)."""
         if self._closed:
             return
         self._closed = True
@@ -203,6 +208,8 @@ class SessionRecording:
         self.meta["recording_error"] = self.error
         if self.error is None:
             self.meta["preview"] = "preview.mp4"
+            if preview_only is not None:
+                self.meta["preview_only"] = preview_only
         await asyncio.to_thread(self._write_meta)
 
     # -- the writer thread ----------------------------------------------------------------------------
@@ -273,13 +280,16 @@ class Recorder:
     """Records every session that streams: opened at its first chunk, closed by its end hook.
 
     ``on_ended`` (the job queue's enqueue) is called with the session id and the recording error, if
-    any, once the recording is complete on disk.
+    any, once the recording is complete on disk; not for a whole recording of a model in ``unrefined``
+    (model -> why it has no refiner), which is marked preview-only instead.
     """
 
-    def __init__(self, store: RecordingStore, info: EngineInfo, on_ended: Callable[[str, str | None], None]) -> None:
+    def __init__(self, store: RecordingStore, info: EngineInfo, on_ended: Callable[[str, str | None], None], *,
+                 unrefined: Mapping[str, str] | None = None) -> None:
         self.store = store
         self.info = info
         self.on_ended = on_ended
+        self.preview_only = (unrefined or {}).get(info.model)  # why this server's recordings are not refined
         self.recordings: dict[str, SessionRecording] = {}
         self._prompts: dict[str, str] = {}  # the prompt of each recording's last chunk
 
@@ -321,15 +331,20 @@ class Recorder:
         self._prompts.pop(record.session_id, None)
         if recording is None:
             return  # never streamed: nothing recorded
-        await recording.close({"ended_at": record.ended_at, "end_reason": record.reason})
-        await asyncio.to_thread(self.on_ended, record.session_id, recording.error)
+        await self._finish(record.session_id, recording, {"ended_at": record.ended_at, "end_reason": record.reason})
 
     async def close_all(self) -> None:
         """Close recordings still open (their sessions' end hooks did not run)."""
         for session_id, recording in list(self.recordings.items()):
-            await recording.close({"ended_at": time.time(), "end_reason": "shutdown"})
             del self.recordings[session_id]
-            await asyncio.to_thread(self.on_ended, session_id, recording.error)
+            await self._finish(session_id, recording, {"ended_at": time.time(), "end_reason": "shutdown"})
+
+    async def _finish(self, session_id: str, recording: SessionRecording, ended: dict[str, Any]) -> None:
+        await recording.close(ended, preview_only=self.preview_only)
+        if recording.meta.get("preview_only"):
+            log.info("session %s: replay is preview-only (%s)", session_id[:8], self.preview_only)
+            return
+        await asyncio.to_thread(self.on_ended, session_id, recording.error)
 
 
 # -- reading back, and recovery after a crash -------------------------------------------------------------
@@ -430,14 +445,19 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def recover_recordings(store: RecordingStore, jobs: JobQueue) -> list[str]:
+def recover_recordings(store: RecordingStore, jobs: JobQueue, *, unrefined: Mapping[str, str] | None = None) -> list[str]:
     """Finish the recordings a killed server left open and queue every recording that has no job; returns the
     ids of the recordings it finished. Idempotent (a second run changes nothing).
+
+    A whole recording of a model in ``unrefined`` (model -> why there is no refiner for it) is marked
+    preview-only instead of queued; so is one whose job is still queued and was never started (queued by an
+    earlier version that queued every recording).
 
     The server runs this at start, before any session records: a live session's folder must not be touched,
     so no other server may be recording into the same data dir (refine workers sharing it are fine).
     """
-    queued = {job.session_id for job in jobs.jobs()}
+    unrefined = unrefined or {}
+    queued = {job.session_id: job for job in jobs.jobs()}
     recovered = []
     for session_id in sorted(store.session_ids()):
         meta = store.read_meta(session_id)
@@ -453,7 +473,15 @@ def recover_recordings(store: RecordingStore, jobs: JobQueue) -> list[str]:
             recovered.append(session_id)
             log.info("recovered the recording of session %s: %d chunks, %d frames%s", session_id[:8], meta["chunks"],
                      meta["frames"], f" ({meta['recording_error']})" if meta["recording_error"] else "")
-        if session_id not in queued:
+        job, reason = queued.get(session_id), unrefined.get(meta.get("model"))
+        if reason is not None and not meta.get("recording_error") and not meta.get("preview_only") and (
+                job is None or (job.state == "queued" and job.attempts == 0)):
+            if job is not None:
+                jobs.delete(session_id)  # before the mark: a crash in between leaves it unqueued, marked next time
+            meta["preview_only"] = reason
+            write_atomic(store.folder(session_id) / "meta.json", json.dumps(meta, indent=1).encode())
+            log.info("session %s: replay is preview-only (%s)", session_id[:8], reason)
+        elif job is None and not meta.get("preview_only"):
             jobs.enqueue(session_id, meta.get("recording_error"))
     return recovered
 

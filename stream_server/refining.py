@@ -73,19 +73,36 @@ class RefinerUnavailable(Exception):
     """No refiner can be built for the requested model (a one-line reason for the CLI)."""
 
 
+def refiner_unavailable(model: str, checkpoint: str | None = None, *, trained: bool = False) -> str | None:
+    """Why no refiner can be built for the sessions of ``model`` (a one-line reason), or None when one can;
+    ``trained``: the sessions ran on trained weights. Builds nothing. ``serve`` queues no refinement for a
+    model with a reason (its replays are preview-only) and :func:`load_refiner` refuses it."""
+    from world_model.engine import VAE_FOR
+
+    try:
+        from world_model.refiner import REFINER_PRESETS
+    except ModuleNotFoundError as exc:
+        return f"the refiner is not available ({exc})"
+    if checkpoint is not None:
+        return "refining sessions of a --checkpoint model is not supported yet (only built-in presets)"
+    if model not in VAE_FOR:
+        return f"unknown model {model!r}; built in: {', '.join(sorted(VAE_FOR))}"
+    if model not in REFINER_PRESETS:
+        return f"no refiner for model {model}"
+    if trained:  # the refiner presets have random weights: they would turn a trained model's latents into noise
+        return f"no refiner for the trained weights of model {model}"
+    return None
+
+
 def load_refiner(model: str, checkpoint: str | None, *, device: str, dtype: str) -> tuple[RefineFn, BlockDecoder]:
     """The refiner's ``refine_blocks`` and the VAE of ``model`` (the engine's: same preset and seed)."""
     from world_model.engine import DTYPES, VAE_FOR, EngineConfig
     from world_model.vae import VideoVAE
 
-    try:
-        from world_model.refiner import Refiner
-    except ModuleNotFoundError as exc:
-        raise RefinerUnavailable(f"the refiner is not available ({exc})") from None
-    if checkpoint is not None:
-        raise RefinerUnavailable("refining sessions of a --checkpoint model is not supported yet (only built-in presets)")
-    if model not in VAE_FOR:
-        raise RefinerUnavailable(f"unknown model {model!r}; built in: {', '.join(sorted(VAE_FOR))}")
+    if (reason := refiner_unavailable(model, checkpoint)) is not None:
+        raise RefinerUnavailable(reason)
+    from world_model.refiner import Refiner
+
     seed, torch_dtype = EngineConfig().seed, DTYPES[dtype]
     refiner = Refiner.from_preset(model, seed, torch_dtype, device)
     vae = VideoVAE.from_preset(VAE_FOR[model], seed=seed, dtype=torch_dtype, device=device)

@@ -1,7 +1,9 @@
 """Replays: the HTTP endpoints over recorded sessions, and the retention policy that deletes old ones.
 
 ``GET /v1/replays/{id}`` answers the refinement state; ``/preview.mp4`` and ``/refined.mp4`` serve the
-videos with HTTP Range support. Access needs the session's token (``Authorization: Bearer`` or
+videos with HTTP Range support. A preview-only replay (its model has no refiner: ``preview_only`` in its
+``meta.json``, and no job) is final: ``"state": "done"`` with ``"refined": false`` and the ``"reason"``, and
+its ``refined.mp4`` is a 404 that says why. Access needs the session's token (``Authorization: Bearer`` or
 ``?token=``), checked against the SHA-256 stored in the recording's ``meta.json`` with a constant-time
 compare, so a replay stays reachable across server restarts. Ids are matched against a strict pattern
 before any path is built from them; unknown ids and ids of other sessions' recordings look the same (404
@@ -70,12 +72,17 @@ class Replays:
             path = folder / file
             if path.is_file():
                 files[name.split(".")[0]] = {"url": f"/v1/replays/{session_id}/{name}", "bytes": path.stat().st_size}
+        preview_only = meta.get("preview_only") if job is None else None
+        if preview_only:
+            state, progress = "done", 1.0
+        else:
+            state, progress = ("recording", 0.0) if job is None else (job.state, round(job.progress, 4))
         body: dict[str, Any] = {
-            "state": "recording" if job is None else job.state,
-            "progress": 0.0 if job is None else round(job.progress, 4),
-            "files": files, "frames": meta.get("frames"), "fps": meta["fps"],
+            "state": state, "progress": progress, "files": files, "frames": meta.get("frames"), "fps": meta["fps"],
             "width": meta["width"], "height": meta["height"],
         }
+        if preview_only:
+            body.update(refined=False, reason=preview_only)
         if job is not None and job.error is not None:
             body["error"] = job.error
         return web.json_response(body)
@@ -87,9 +94,12 @@ class Replays:
         found = await self._authorized(request)
         if isinstance(found, web.Response):
             return found
-        session_id, _ = found
+        session_id, meta = found
         path = self.store.folder(session_id) / VIDEOS[name]
         if not path.is_file():
+            if name == "refined.mp4" and meta.get("preview_only"):
+                return _error(404, "not_refined", f"this replay is preview-only ({meta['preview_only']}): "
+                              f"download preview.mp4")
             what = "the session is still recording" if name == "preview.mp4" else "the refined video is not ready"
             return _error(404, "not_ready", what)
         return web.FileResponse(path, headers={"Content-Type": "video/mp4", "Cache-Control": "private, no-store"})

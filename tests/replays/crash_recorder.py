@@ -23,10 +23,11 @@ async def main() -> None:
     parser.add_argument("--frames", type=int, default=CHUNK_FRAMES, help="video frames per chunk")
     parser.add_argument("--latents", type=int, default=3, help="latent frames per chunk after chunk 0")
     parser.add_argument("--prompts", default='{"0": "a harbour"}', help="JSON {chunk: prompt}")
+    parser.add_argument("--model", default="tiny", help="the model named in meta.json")
     args = parser.parse_args()
     prompts = {int(chunk): text for chunk, text in json.loads(args.prompts).items()}
     folder = RecordingStore(args.data_dir).folder(args.session_id)
-    recording = SessionRecording(folder, recording_meta(args.session_id, "tok"), None)
+    recording = SessionRecording(folder, recording_meta(args.session_id, "tok", args.model), None)
     await record_chunks(recording, args.chunks, frames=args.frames, latents=args.latents, prompts=prompts)
     while recording.chunks < args.chunks:  # the writer thread has every chunk on disk (flushed, not closed)
         await asyncio.sleep(0.01)

@@ -32,9 +32,9 @@ def identity_refine(latents: torch.Tensor, prompt, *, seed: int = 0, start_frame
         frame = min(end, latents.shape[2])
 
 
-def recording_meta(session_id: str, token: str) -> dict:
-    """``meta.json`` of a recording of the tiny model, as the recorder starts it."""
-    return {"session_id": session_id, "token_sha256": token_hash(token), "model": "tiny", "width": WIDTH,
+def recording_meta(session_id: str, token: str, model: str = "tiny") -> dict:
+    """``meta.json`` of a recording of the tiny model's geometry (under the name ``model``), as the recorder starts it."""
+    return {"session_id": session_id, "token_sha256": token_hash(token), "model": model, "width": WIDTH,
             "height": HEIGHT, "fps": FPS, "seed": 0, "created_at": time.time(), "ended_at": None,
             "latents": {"file": "latents.f16", "dtype": "float16", "layout": "T,C,h,w", "channels": CHANNELS,
                         "height": LATENT_H, "width": LATENT_W, "frames": None}, "preview": None}
@@ -55,12 +55,12 @@ async def record_chunks(recording: SessionRecording, chunks: int, *, frames: int
 
 def write_recording(data_dir: Path, session_id: str, token: str, *, chunks: int = 2, prompt: str = "a harbour",
                     ended_at: float | None = None, enqueue: bool = True, prompts: dict[int, str] | None = None,
-                    frames: int = CHUNK_FRAMES, latents: int = 3) -> RecordingStore:
+                    frames: int = CHUNK_FRAMES, latents: int = 3, model: str = "tiny") -> RecordingStore:
     """A closed recording as the server leaves it (random latents, grey frames), queued for refinement."""
     store = RecordingStore(data_dir)
 
     async def record() -> None:
-        recording = SessionRecording(store.folder(session_id), recording_meta(session_id, token), None)
+        recording = SessionRecording(store.folder(session_id), recording_meta(session_id, token, model), None)
         await record_chunks(recording, chunks, frames=frames, latents=latents, prompts=prompts or {0: prompt})
         await recording.close({"ended_at": ended_at if ended_at is not None else time.time(), "end_reason": "deleted"})
 

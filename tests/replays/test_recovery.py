@@ -30,10 +30,11 @@ LATENT_BYTES = CHANNELS * LATENT_H * LATENT_W * 2  # one float16 latent frame
 
 
 def record_then_kill(data_dir: Path, chunks: int, *, frames: int = CHUNK_FRAMES, latents: int = 3,
-                     prompts: dict[int, str] | None = None) -> Path:
+                     prompts: dict[int, str] | None = None, model: str = "tiny") -> Path:
     """Record ``chunks`` chunks in a child process and SIGKILL it once they are written; the session's folder."""
     command = [sys.executable, "-m", "tests.replays.crash_recorder", str(data_dir), SESSION, "--chunks", str(chunks),
-               "--frames", str(frames), "--latents", str(latents), "--prompts", json.dumps(prompts or {0: "a harbour"})]
+               "--frames", str(frames), "--latents", str(latents), "--prompts", json.dumps(prompts or {0: "a harbour"}),
+               "--model", model]
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = child.stdout.readline()

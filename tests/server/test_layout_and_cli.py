@@ -89,14 +89,14 @@ def test_serve_unknown_flag_is_one_line(capsys):
     assert info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
 
 
-def test_serve_starts_no_refine_worker_for_models_without_a_refiner(caplog):
-    from stream_server.cli import build_parser, start_refine_worker
+def test_serve_starts_no_refine_worker_for_models_without_a_refiner():
+    """(Their replays are preview-only: tests/replays/test_preview_only.py.)"""
+    from stream_server.cli import build_parser, serve_no_refiner, start_refine_worker
 
-    for argv in (["serve"], ["serve", "--model", "demo", "--random-weights"], ["serve", "--model", "sana-wm-streaming"]):
-        with caplog.at_level("WARNING", logger="stream_server"):
-            assert start_refine_worker(build_parser().parse_args(argv)) is None
-        assert "no refiner for the" in caplog.text
-        caplog.clear()
+    for argv in (["serve"], ["serve", "--model", "demo", "--random-weights"], ["serve", "--model", "sana-wm-streaming"],
+                 ["serve", "--model", "tiny", "--checkpoint", "/nowhere"]):
+        args = build_parser().parse_args(argv)
+        assert serve_no_refiner(args) is not None and start_refine_worker(args) is None
 
 
 def test_refine_of_a_model_without_a_refiner_is_one_line(tmp_path, capsys):
