@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/latency.py [--sessions 1,2,4] [--seconds 20] [--json] [--url URL]
 
-Without ``--url`` it starts ``sana-wm-stream serve --model tiny`` (the real model, random weights, CPU)
+Without ``--url`` it starts ``sana-wm-stream serve --model MODEL`` (default ``demo``, the shipped trained model; CPU)
 as a **subprocess** on a free loopback port, as a user runs it, and stops it at the end; the clients run
 in this process (aiortc via :mod:`stream_server.sdk`), so on a small machine they compete with the server
 for the same cores, as a browser on the same machine would. With ``--url`` it measures a server that is
@@ -57,13 +57,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_tiny(max_sessions: int, log_path: Path, chunk_frames: int = 3):
-    """``sana-wm-stream serve --model tiny`` on a free port; yields its base URL."""
+def serve_model(model: str, max_sessions: int, log_path: Path, chunk_frames: int = 3):
+    """``sana-wm-stream serve --model MODEL`` on a free port; yields its base URL."""
     port = free_port()
     script = Path(sys.executable).with_name("sana-wm-stream")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "stream_server.cli"]
     data_dir = tempfile.mkdtemp(prefix="latency-bench-")
-    command += ["serve", "--model", "tiny", "--port", str(port), "--max-sessions", str(max_sessions),
+    command += ["serve", "--model", model, "--port", str(port), "--max-sessions", str(max_sessions),
                 "--data-dir", data_dir, "--grace-period", "5", "--chunk-frames", str(chunk_frames)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -303,7 +303,8 @@ def main() -> None:
     parser.add_argument("--gap", default="0.4,1.6", help="min,max seconds between a session's inputs (default 0.4,1.6)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the input timing and keys")
     parser.add_argument("--chunk-frames", type=int, default=3, choices=[1, 2, 3], help="latent frames per chunk of the served model (1: 0.5 s chunks, the low-latency mode)")
-    parser.add_argument("--url", help="measure this running server instead of starting serve --model tiny")
+    parser.add_argument("--model", default="demo", help="built-in model of the server started here (default demo)")
+    parser.add_argument("--url", help="measure this running server instead of starting serve --model MODEL")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     try:
@@ -318,9 +319,9 @@ def main() -> None:
         server = args.url
     else:
         log_path = Path(tempfile.mkstemp(prefix="latency-serve-", suffix=".log")[1])
-        with serve_tiny(max(counts), log_path, args.chunk_frames) as url:
+        with serve_model(args.model, max(counts), log_path, args.chunk_frames) as url:
             info, results = asyncio.run(run(url, counts, args.seconds, gap, args.seed, args.json))
-        server = "subprocess: sana-wm-stream serve --model tiny"
+        server = f"subprocess: sana-wm-stream serve --model {args.model}"
     config = {"server": server, "seconds": args.seconds, "gap": gap, "seed": args.seed, "cpu_count": os.cpu_count(), **info}
     if args.json:
         print(json.dumps({"config": config, "results": results}, indent=2))
