@@ -47,6 +47,7 @@ class ServerParts:
         self.scheduler = Scheduler(
             chunk_seconds=info.chunk_pixel_frames / info.fps, max_batch=config.batch_limit,
             margin_seconds=config.jit_margin, estimator=StepTimeEstimator(config.step_prior),
+            max_busy=config.max_engine_busy,
         )
         self.loop = EngineLoop(engine, self.scheduler, self.metrics)
         self.registry = SessionRegistry(config, self.loop, self.metrics, fps=info.fps, chunk_frames=info.chunk_pixel_frames)

@@ -26,6 +26,7 @@ class ServerConfig:
     max_body_bytes: int = 16 * 1024 * 1024  # largest accepted request body (413 above)
     max_image_pixels: int = 4096 * 4096  # largest accepted start image (413 above)
     jit_margin: float = 0.08  # seconds a chunk should arrive before the viewer's buffer runs dry
+    max_engine_busy: float = 0.8  # share of each chunk's time the scheduler plans engine steps into, if it can
     step_prior: float = 0.5  # seconds assumed for a step before any has been measured
     stats_interval: float = 1.0  # seconds between stats events
     sweep_interval: float = 1.0  # seconds between checks for expired / idle / abandoned sessions

@@ -24,10 +24,13 @@ small. Hence the policy.
 
 Policy, at each decision point while the engine is idle (``n`` sessions, ``est`` as below):
 
-1. Batch cap, the latency budget: among the sizes ``b <= max_batch`` whose round fits,
-   ``ceil(n/b) * est(b) + margin <= C``, take the one with the shortest step ``est(b)`` (ties: the
-   smaller). With a step cost ``a + k*b`` (``a`` fixed, ``k`` per session) that is the smallest batch
-   that keeps everyone at real time: small batches where the per-session cost dominates (CPU), one
+1. Batch cap, the latency budget: among the sizes ``b <= max_batch`` whose round fits with room to
+   spare, ``ceil(n/b) * est(b) + margin <= max_busy * C``, take the one with the shortest step
+   ``est(b)`` (ties: the smaller). ``max_busy`` (< 1 in a server) leaves the rest of each chunk's time
+   to the work beside the engine (video encoding, WebRTC, a refiner on the same device); when no size
+   leaves that room but some still fit in ``C``, the cap is the one whose round leaves the most. With
+   a step cost ``a + k*b`` (``a`` fixed, ``k`` per session) that is the smallest batch that keeps
+   everyone at real time: small batches where the per-session cost dominates (CPU), one
    batch of everyone where the fixed cost dominates (GPU). So that jitter in the estimate does not make
    the cap flap, the current cap stays while its round fits, unless another one fits with
    ``2 * margin``.
@@ -119,9 +122,11 @@ class _Entry:
 class Scheduler:
     """Just-in-time, earliest-deadline-first batching of streaming sessions (policy: module docstring)."""
 
-    def __init__(self, *, chunk_seconds: float, max_batch: int, margin_seconds: float, estimator: StepTimeEstimator) -> None:
-        if chunk_seconds <= 0 or max_batch < 1 or margin_seconds < 0:
-            raise ValueError("need chunk_seconds > 0, max_batch >= 1, margin_seconds >= 0")
+    def __init__(self, *, chunk_seconds: float, max_batch: int, margin_seconds: float, estimator: StepTimeEstimator,
+                 max_busy: float = 1.0) -> None:
+        if chunk_seconds <= 0 or max_batch < 1 or margin_seconds < 0 or not 0 < max_busy <= 1:
+            raise ValueError("need chunk_seconds > 0, max_batch >= 1, margin_seconds >= 0, 0 < max_busy <= 1")
+        self.max_busy = max_busy
         self.chunk_seconds = chunk_seconds
         self.max_batch = max_batch
         self.margin = margin_seconds
@@ -165,11 +170,13 @@ class Scheduler:
         """The latency budget (module docstring, step 1); remembers its choice for the hysteresis."""
         sizes = range(1, max(1, min(len(self._entries), self.max_batch)) + 1)
         fits = [b for b in sizes if self._fits(b, self.margin)]
-        if not fits:  # overloaded: the shortest round, i.e. the most sessions per second (ties: larger)
-            self._cap = min(sizes, key=lambda b: (round(self._round_seconds(b), 9), -b))
+        roomy = [b for b in fits if self._fits(b, self.margin + (1 - self.max_busy) * self.chunk_seconds)]
+        if not roomy:  # overloaded, or real time with little room: the shortest round (ties: larger)
+            self._cap = min(fits or sizes, key=lambda b: (round(self._round_seconds(b), 9), -b))
             return self._cap
+        fits = roomy
         if self._cap in fits:  # a change by choice must fit with twice the margin
-            fits = [b for b in fits if b == self._cap or self._fits(b, 2 * self.margin)]
+            fits = [b for b in fits if b == self._cap or self._fits(b, 2 * self.margin + (1 - self.max_busy) * self.chunk_seconds)]
         self._cap = min(fits, key=lambda b: (self.estimate(b), b))
         return self._cap
 

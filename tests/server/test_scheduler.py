@@ -168,6 +168,26 @@ def test_batch_cap_is_the_shortest_step_that_keeps_everyone_real_time():
     assert sched.overloaded() and sched.batch_cap() == 8  # nothing fits: the largest of equal throughputs
 
 
+def test_max_busy_leaves_room_beside_the_engine():
+    """With ``max_busy`` < 1 the cap keeps part of every chunk free for the work beside the engine (encoding,
+    a refiner): two sessions on a fixed-cost engine share steps instead of filling the chunk with singles."""
+
+    def cap_for(max_busy: float, base: float, per_session: float, n: int) -> int:
+        sched = Scheduler(chunk_seconds=CHUNK, max_batch=16, margin_seconds=MARGIN, estimator=StepTimeEstimator(0.3), max_busy=max_busy)
+        for b in (1, 4):
+            sched.estimate.record(b, base + per_session * b)
+        for i in range(n):
+            sched.add(f"s{i}", 0.0)
+        return sched.batch_cap()
+
+    assert cap_for(1.0, 0.6, 0.05, 2) == 1  # two singles fill 1.3 s of the 1.5 s chunk
+    assert cap_for(0.8, 0.6, 0.05, 2) == 2  # one pair takes 0.7 s: 0.8 s left
+    assert cap_for(0.8, 0.1, 0.1, 8) == 4  # CPU-like: pairs fill 1.2 s + margin; batches of 4 take 1.0 s
+    assert cap_for(0.8, 0.6, 0.05, 16) == 16  # no cap leaves the room, but 16 at once fits: the most room
+    with pytest.raises(ValueError):
+        Scheduler(chunk_seconds=CHUNK, max_batch=4, margin_seconds=MARGIN, estimator=StepTimeEstimator(0.3), max_busy=0.0)
+
+
 def test_new_session_starts_at_once_then_just_in_time():
     sched = make()
     sched.add("a", now=10.0)
