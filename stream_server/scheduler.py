@@ -64,30 +64,38 @@ from dataclasses import dataclass
 
 
 class StepTimeEstimator:
-    """Step duration per batch size: a moving-average mean per measured size, one relative deviation."""
+    """Step duration per batch size: a moving-average mean per measured size, one relative deviation.
+
+    Steps that held a session's first chunk (one latent more, the start image's encoding) are *warm-up*
+    samples, kept apart: they are used only until any steady step has been measured. Otherwise one slow
+    warm-up sample of a size would keep that size from being chosen, and so from being measured again.
+    """
 
     def __init__(self, prior_seconds: float, alpha: float = 0.2, beta: float = 0.25) -> None:
         self.prior_seconds = prior_seconds  # used until any step has been measured
         self.alpha = alpha  # weight of a new sample in its size's mean
         self.beta = beta  # weight of a new sample in the relative deviation
-        self._mean: dict[int, float] = {}  # batch size -> moving average of its step seconds
+        self._mean: dict[int, float] = {}  # batch size -> moving average of its steady step seconds
+        self._warmup: dict[int, float] = {}  # the same for steps that held a first chunk
         self.deviation = 0.0  # moving average of |sample - mean| / mean, over all sizes
 
-    def record(self, batch_size: int, seconds: float) -> None:
-        mean = self._mean.get(batch_size)
+    def record(self, batch_size: int, seconds: float, steady: bool = True) -> None:
+        table = self._mean if steady else self._warmup
+        mean = table.get(batch_size)
         if mean is None:
-            self._mean[batch_size] = seconds
+            table[batch_size] = seconds
             return
         self.deviation += self.beta * (abs(seconds - mean) / mean - self.deviation)
-        self._mean[batch_size] = mean + self.alpha * (seconds - mean)
+        table[batch_size] = mean + self.alpha * (seconds - mean)
 
     def mean(self, batch_size: int) -> float:
         """The expected step time: measured, or on the line through the nearest measured sizes."""
-        if not self._mean:
+        table = self._mean or self._warmup
+        if not table:
             return self.prior_seconds
-        if batch_size in self._mean:
-            return self._mean[batch_size]
-        points = sorted(self._mean.items())
+        if batch_size in table:
+            return table[batch_size]
+        points = sorted(table.items())
         if len(points) == 1:  # one measured size: assume half of its cost is fixed
             points.insert(0, (0, points[0][1] / 2))
         segments = list(zip(points, points[1:]))
@@ -211,7 +219,8 @@ class Scheduler:
         """The step for ``batch`` delivered its chunks at ``now``; returns which sessions were late."""
         self._in_flight = ()
         self.last_step_seconds = now - started
-        self.estimate.record(len(batch), now - started)
+        steady = all(sid in self._entries and self._entries[sid].last_delivery is not None for sid in batch)
+        self.estimate.record(len(batch), now - started, steady=steady)
         late: dict[str, bool] = {}
         for sid in batch:
             entry = self._entries.get(sid)
