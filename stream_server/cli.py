@@ -69,17 +69,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from world_model.engine import load_image
     from world_model.engine_api import EngineError
 
+    from world_model.start_scenes import START_SCENES, find_scene, render_scene
+
     try:  # cheap checks first, before any model is built
         parse_actions(args.actions)
         check_seconds(args.seconds, 16)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    scene = find_scene(args.scene) if args.scene else None
+    if args.scene and scene is None:
+        raise CliError(f"unknown scene {args.scene!r}; start scenes: {', '.join(s.id for s in START_SCENES)}")
     out = Path(args.output)
     if not out.parent.is_dir():
         raise CliError(f"output folder {out.parent} does not exist")
     try:
         image = load_image(args.image) if args.image else None
         engine = engine_from_args(args)
+        if scene is not None:
+            image = render_scene(scene, engine.info.width, engine.info.height)
         frames = generate_video(engine, out, prompt=args.prompt, actions=args.actions, seconds=args.seconds, image=image, seed=args.seed, progress=not args.quiet)
     except EngineError as exc:
         raise CliError(str(exc)) from None
@@ -236,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     gen = sub.add_parser("generate", help="offline streaming generation to an MP4")
-    gen.add_argument("--image", help="start image (any size: resized and centre-cropped; default: the model's start scene)")
+    start = gen.add_mutually_exclusive_group()
+    start.add_argument("--image", help="start image (any size: resized and centre-cropped; default: the model's start scene)")
+    start.add_argument("--scene", help="start from this named start scene (GET /v1/scenes; e.g. spheres, pillar)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--actions", required=True, help="action script, e.g. w-16,d-16,none-8 (the last segment repeats)")
     gen.add_argument("--seconds", type=float, required=True, help="length of the video")

@@ -43,6 +43,7 @@ def test_generate_writes_an_h264_clip_of_the_asked_length(tmp_path, capsys):
         (["--checkpoint", "/"], "no Stage-1 DiT"),
         (["--model", "huge"], "unknown model"),
         (["--seed", "-3"], "seed"),
+        (["--scene", "moon"], "unknown scene 'moon'"),
         (["-o", "/nonexistent/dir/x.mp4"], "does not exist"),
     ],
 )
@@ -87,3 +88,17 @@ def test_generate_runs_the_shipped_demo_model_by_default(tmp_path, capsys):
     frames, _ = _frames(out)
     assert len(frames) == 8 and frames[0].shape == (160, 256, 3)
     assert "256x160" in capsys.readouterr().out
+
+
+def test_generate_starts_from_a_named_scene(tmp_path):
+    """--scene starts from that renderer scene: its first frame is near the scene, not the default one."""
+    from world_model.start_scenes import find_scene, render_scene
+
+    frames = {}
+    for scene in ("pillar", "spheres"):
+        out = tmp_path / f"{scene}.mp4"
+        argv = ["generate", "-q", "--prompt", "a walk", "--actions", "none-8", "--seconds", "0.5", "--chunk-frames", "1", "--scene", scene, "-o", str(out)]
+        assert main(argv) == 0
+        frames[scene] = _frames(out)[0][0].astype(float)
+    pillar = render_scene(find_scene("pillar"), 256, 160).astype(float)
+    assert abs(frames["pillar"] - pillar).mean() < abs(frames["spheres"] - pillar).mean()
