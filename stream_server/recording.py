@@ -13,8 +13,9 @@ One folder per session that produced at least one chunk::
                       another, so that a memory map reads the whole session without holding it
     preview.mp4.part  the live-quality H.264 video of the delivered frames while the session runs, as a
                       fragmented MP4 (a fragment per keyframe, one at a chunk start about every second, each
-                      flushed to the file when complete); renamed to preview.mp4 once the encoder is flushed
-                      and closed at the end
+                      flushed to the file when complete); at the end, once the encoder is flushed and
+                      closed, remuxed (packets copied) into a plain MP4 with its index first and renamed to
+                      preview.mp4; a crash leaves the fragmented file, which recovery keeps
 
 All file writing and H.264 encoding happen on one writer thread per session, fed through a short queue,
 so the event loop never waits on the disk or the encoder and nothing of a long session stays in memory.
@@ -70,6 +71,28 @@ PREVIEW_OPTIONS = {"crf": "23", "preset": "veryfast"}  # live quality, cheap to 
 # its muxer writes a fragment per keyframe and flushes it to the file: a crash leaves whole chunks playable.
 PREVIEW_KEYFRAMES = {"forced-idr": "1", "x264-params": "keyint=infinite:scenecut=0"}
 PREVIEW_MUXER = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
+
+
+def remux_to_faststart(path: Path, scratch: Path) -> None:
+    """Rewrite the finished fragmented preview at ``path`` as a plain MP4 with its index up front (packets
+    copied, nothing re-encoded), so that browsers know its duration and seek at once. ``scratch`` is the
+    temporary file; on any failure the fragmented file stays as it is (it plays everywhere; seeking is
+    just slower)."""
+    import av
+
+    try:
+        with av.open(str(path)) as source, av.open(str(scratch), mode="w", format="mp4", options={"movflags": "faststart"}) as target:
+            video = source.streams.video[0]
+            out = target.add_stream_from_template(video)
+            for packet in source.demux(video):
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.stream = out
+                target.mux(packet)
+        os.replace(scratch, path)
+    except (OSError, av.FFmpegError, ValueError) as exc:
+        log.warning("kept the fragmented preview %s (remux failed: %s)", path, exc)
+        scratch.unlink(missing_ok=True)
 KEYFRAME_SECONDS = 1.0  # at least this much video between two keyframes (the first frame of a chunk)
 POSE_BYTES = 16 * 8  # one float64 4x4 pose
 
@@ -252,6 +275,7 @@ class SessionRecording:
                 container.mux(stream.encode())  # flush the encoder
                 container.close()
                 container = None
+                remux_to_faststart(self.folder / "preview.mp4.part", self.folder / "preview.mp4.tmp")
                 os.replace(self.folder / "preview.mp4.part", self.folder / "preview.mp4")
         except OSError as exc:
             self.error = "disk full" if exc.errno == errno.ENOSPC else f"cannot write the recording: {exc}"
