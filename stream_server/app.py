@@ -17,6 +17,7 @@ from world_model.engine_api import Engine
 
 from .api import Api, cors_middleware, error_middleware
 from .config import ServerConfig
+from .gate import GatePublisher
 from .jobs import JobQueue
 from .loop import EngineLoop
 from .metrics import ServerMetrics
@@ -65,6 +66,7 @@ class ServerParts:
             recover_recordings(store, jobs, unrefined=unrefined)  # left open by a killed server; before any session records
             self.recorder = Recorder(store, info, jobs.enqueue, unrefined=unrefined)
             self.loop.on_chunk = self.recorder.chunk
+            self.loop.gate = GatePublisher(config.data_dir)  # a refine worker sharing the device yields to live steps
             self.registry.end_hooks.append(self.recorder.end)
             self.replays = Replays(store, self.jobs)
         self._tasks: list[asyncio.Task] = []

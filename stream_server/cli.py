@@ -180,7 +180,7 @@ def start_refine_worker(args: argparse.Namespace):
     if serve_no_refiner(args) is not None:
         return None
     command = [sys.executable, "-m", "stream_server.cli", "refine", "--data-dir", args.data_dir, "--follow", "--low-priority",
-               "--model", args.model, "--device", args.device]
+               "--yield-to-live", "--model", args.model, "--device", args.refiner_device or args.device]
     for flag, value in (("--checkpoint", args.checkpoint), ("--dtype", args.dtype), ("--replay-ttl", args.replay_ttl),
                         ("--max-replay-gb", args.max_replay_gb)):
         if value is not None:
@@ -221,7 +221,10 @@ def cmd_refine(args: argparse.Namespace) -> int:
         refine, vae = load_refiner(args.model, args.checkpoint, device=args.device, dtype=dtype)
     except (RefinerUnavailable, ValueError) as exc:
         raise CliError(str(exc)) from None
-    worker = RefineWorker(store, queue, refine, vae, model=args.model, lease_seconds=args.lease)
+    from .gate import DeviceGate
+
+    gate = DeviceGate(data_dir) if args.yield_to_live else None
+    worker = RefineWorker(store, queue, refine, vae, model=args.model, lease_seconds=args.lease, gate=gate)
     finished = worker.run(args.session_id, follow=args.follow)
     print(f"refined {finished} session(s)")
     return 0
@@ -274,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout", type=float, default=300.0, help="end a session after this many seconds without a control message")
     serve.add_argument("--grace-period", type=float, default=30.0, help="seconds a disconnected session waits for its client to reconnect")
     serve.add_argument("--no-refine", action="store_true", help="record and queue sessions, but run no refinement worker")
+    serve.add_argument("--refiner-device", help="device of the refinement worker (default: --device; it then yields to live steps)")
     add_retention_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=cmd_serve)
@@ -283,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--data-dir", default="data", help="the serve data dir (default ./data)")
     refine.add_argument("--follow", action="store_true", help="keep polling for new jobs instead of exiting when none is left")
     refine.add_argument("--low-priority", action="store_true", help="use only CPU time other processes leave free")
+    refine.add_argument("--yield-to-live", action="store_true",
+                        help="before each refiner block, wait for a gap in the live sessions of the serve sharing --data-dir")
     refine.add_argument("--lease", type=float, default=30.0, metavar="SECONDS", help="job lease; a dead worker's job is retaken after it")
     refine.add_argument("--model", default="tiny", help="the model the sessions were recorded with (default: tiny)")
     refine.add_argument("--checkpoint", help="the release folder the sessions were recorded with")

@@ -25,6 +25,7 @@ import numpy as np
 from world_model.engine_api import ChunkRequest, ChunkResult, Engine
 
 from . import protocol
+from .gate import GatePublisher
 from .metrics import ServerMetrics
 from .scheduler import Scheduler
 from .sessions import ChunkInput, Session
@@ -43,6 +44,7 @@ class EngineLoop:
         self.clock = clock
         self.on_failure: Callable[[Session, str], Awaitable[None]] | None = None  # ends a session (set by the app)
         self.on_chunk: Callable[[Session, ChunkResult, ChunkInput], Awaitable[None]] | None = None  # the recorder
+        self.gate: GatePublisher | None = None  # publishes the next live step's start for a refiner (set by the app)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._attached: dict[str, Session] = {}
         self._wake = asyncio.Event()
@@ -74,6 +76,8 @@ class EngineLoop:
         while True:
             now = self.clock()
             plan = self.scheduler.plan(now)
+            if self.gate is not None:  # tell a refiner sharing the device when the next live step starts
+                self.gate.publish(None if plan is None else plan.start_at)
             if plan is None or plan.start_at > now:
                 timeout = None if plan is None else plan.start_at - now
                 self._wake.clear()

@@ -19,11 +19,13 @@ leaves ``preview.mp4`` alone; ``refined.mp4`` only ever appears complete.
 After a crash a new attempt resumes from the saved blocks: they are decoded again (cheap next to
 refining) to rebuild the decoder cache and the video, and the refiner continues from the next block.
 
-Priority policy: inside ``serve`` the worker runs as a separate process started with ``--low-priority``,
-which puts it in the idle scheduling class (``SCHED_IDLE``, else nice 19) with one CPU thread, so on a
-CPU host it only uses time the live sessions leave free. On a GPU host the kernels of both processes
-share the device without priorities; pass ``--no-refine`` to ``serve`` and run ``sana-wm-stream refine``
-off-peak (or on another machine sharing the data dir) where that matters.
+Priority policy: inside ``serve`` the worker runs as a separate process started with ``--low-priority``
+and ``--yield-to-live``. The first puts it in the idle scheduling class (``SCHED_IDLE``, else nice 19)
+with one CPU thread. The second makes it wait, before each refiner block, for a gap in the live
+sessions' steps long enough for the block (:mod:`stream_server.gate`: the engine loop publishes when its
+next live step starts), so on a shared device (CPU or GPU) the refiner only uses time the live sessions
+leave free, at the granularity of one block. ``--refiner-device`` (``serve``) or a ``refine`` process on
+another machine sharing the data dir keeps it off the live device altogether.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 
 from world_model.vae import DecoderCache
 
+from .gate import BlockTimer, DeviceGate
 from .jobs import Job, JobQueue, LeaseLost
 from .recording import PREVIEW_OPTIONS, RecordingStore, prompt_schedule
 
@@ -122,7 +125,7 @@ class RefineWorker:
     """Claims and runs refinement jobs of one data dir for one model."""
 
     def __init__(self, store: RecordingStore, queue: JobQueue, refine: RefineFn, vae: BlockDecoder, *, model: str,
-                 lease_seconds: float = 30.0, worker_id: str | None = None) -> None:
+                 lease_seconds: float = 30.0, worker_id: str | None = None, gate: DeviceGate | None = None) -> None:
         self.store = store
         self.queue = queue
         self.refine = refine
@@ -130,6 +133,8 @@ class RefineWorker:
         self.model = model
         self.lease_seconds = lease_seconds
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.gate = gate  # live sessions first: wait for a gap before each block (stream_server.gate)
+        self.timer = BlockTimer()
 
     def run(self, session_id: str | None = None, *, follow: bool = False, poll_seconds: float = 2.0,
             stop: threading.Event | None = None) -> int:
@@ -219,7 +224,7 @@ class RefineWorker:
             refined_prefix = torch.cat(prefix, dim=2).float() if prefix else None
             blocks = self.refine(latents.float(), prompts, seed=meta["seed"], start_frame=done_frames,
                                  refined_prefix=refined_prefix)
-            for block in blocks:
+            for block in self._gated(blocks):
                 if lost.is_set():
                     raise LeaseLost(job.session_id)
                 block = block.detach().to("cpu", torch.float16)  # what is saved is what is decoded
@@ -227,6 +232,7 @@ class RefineWorker:
                     raise RuntimeError(f"the refiner yielded a block of shape {tuple(block.shape)} for latents {tuple(latents.shape)}")
                 _save_block(blocks_dir, done_frames, block)
                 video.write(self._decode(block, cache))
+                self.timer.record(time.monotonic() - self._block_began)
                 done_frames += block.shape[2]
                 self.queue.heartbeat(job, self.lease_seconds, progress=done_frames / total)
             if done_frames != total:
@@ -253,6 +259,18 @@ class RefineWorker:
         shutil.rmtree(blocks_dir, ignore_errors=True)
         for stale in folder.glob(f"{REFINED}.*.tmp"):  # left by workers that died
             stale.unlink(missing_ok=True)
+
+    def _gated(self, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """``blocks``, each computed only once the gate gives a turn long enough for it (refine + decode)."""
+        blocks = iter(blocks)
+        while True:
+            if self.gate is not None:
+                self.gate.wait_turn(self.timer.estimate())
+            self._block_began = time.monotonic()
+            try:
+                yield next(blocks)
+            except StopIteration:
+                return
 
     def _decode(self, block: torch.Tensor, cache: DecoderCache) -> np.ndarray:
         """Frames ``(n, H, W, 3)`` uint8 of the next latent block; the start frame is dropped as live."""

@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from stream_server.app import APP_KEY, create_app
+from stream_server.gate import GATE_NAME
 from stream_server.recording import RecordingStore
 from stream_server.refining import RefineWorker
 from stream_server.sdk import StreamClient
@@ -64,6 +65,8 @@ async def test_stream_delete_refine_download(tiny_engine, tmp_path):
         await until(lambda: lines(folder / "chunks.jsonl") >= 2, 90, "two recorded chunks")
         assert (folder / "preview.mp4.part").stat().st_size > 0 and not (folder / "preview.mp4").exists()
         assert (folder / "latents.f16").stat().st_size > 0 and (folder / "poses.f64").stat().st_size > 0
+        gate = json.loads((tmp_path / GATE_NAME).read_text())  # the loop tells a refiner when the next live step starts
+        assert isinstance(gate["idle_until"], float) and abs(gate["written"] - time.time()) < 5
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["token_sha256"] and session.token not in (folder / "meta.json").read_text()
         await session.end()  # DELETE: the recording is closed and queued before the answer
