@@ -76,6 +76,10 @@ class RefinerUnavailable(Exception):
     """No refiner can be built for the requested model (a one-line reason for the CLI)."""
 
 
+# The refiner preset (world_model.refiner.REFINER_PRESETS, random weights) for the sessions of each built-in model.
+REFINER_FOR = {"tiny": "tiny", "sana-wm-streaming": "ltx2", "sana-wm-bidirectional": "ltx2"}
+
+
 def refiner_unavailable(model: str, checkpoint: str | None = None, *, trained: bool = False) -> str | None:
     """Why no refiner can be built for the sessions of ``model`` (a one-line reason), or None when one can;
     ``trained``: the sessions ran on trained weights. Builds nothing. ``serve`` queues no refinement for a
@@ -90,7 +94,7 @@ def refiner_unavailable(model: str, checkpoint: str | None = None, *, trained: b
         return "refining sessions of a --checkpoint model is not supported yet (only built-in presets)"
     if model not in VAE_FOR:
         return f"unknown model {model!r}; built in: {', '.join(sorted(VAE_FOR))}"
-    if model not in REFINER_PRESETS:
+    if REFINER_FOR.get(model) not in REFINER_PRESETS:
         return f"no refiner for model {model}"
     if trained:  # the refiner presets have random weights: they would turn a trained model's latents into noise
         return f"no refiner for the trained weights of model {model}"
@@ -107,7 +111,7 @@ def load_refiner(model: str, checkpoint: str | None, *, device: str, dtype: str)
     from world_model.refiner import Refiner
 
     seed, torch_dtype = EngineConfig().seed, DTYPES[dtype]
-    refiner = Refiner.from_preset(model, seed, torch_dtype, device)
+    refiner = Refiner.from_preset(REFINER_FOR[model], seed, torch_dtype, device)
     vae = VideoVAE.from_preset(VAE_FOR[model], seed=seed, dtype=torch_dtype, device=device)
     return refiner.refine_blocks, vae
 

@@ -93,8 +93,7 @@ def test_serve_starts_no_refine_worker_for_models_without_a_refiner():
     """(Their replays are preview-only: tests/replays/test_preview_only.py.)"""
     from stream_server.cli import build_parser, serve_no_refiner, start_refine_worker
 
-    for argv in (["serve"], ["serve", "--model", "demo", "--random-weights"], ["serve", "--model", "sana-wm-streaming"],
-                 ["serve", "--model", "tiny", "--checkpoint", "/nowhere"]):
+    for argv in (["serve"], ["serve", "--model", "demo", "--random-weights"], ["serve", "--model", "tiny", "--checkpoint", "/nowhere"]):
         args = build_parser().parse_args(argv)
         assert serve_no_refiner(args) is not None and start_refine_worker(args) is None
 
