@@ -236,7 +236,6 @@ class RefineWorker:
                     raise RuntimeError(f"the refiner yielded a block of shape {tuple(block.shape)} for latents {tuple(latents.shape)}")
                 _save_block(blocks_dir, done_frames, block)
                 video.write(self._decode(block, cache))
-                self.timer.record(time.monotonic() - self._block_began)
                 done_frames += block.shape[2]
                 self.queue.heartbeat(job, self.lease_seconds, progress=done_frames / total)
             if done_frames != total:
@@ -265,16 +264,19 @@ class RefineWorker:
             stale.unlink(missing_ok=True)
 
     def _gated(self, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """``blocks``, each computed only once the gate gives a turn long enough for it (refine + decode)."""
+        """``blocks``, each computed only once the gate gives a turn long enough for it; the time measured per
+        block runs until the next one is asked for, so it covers the block's decode and write too."""
         blocks = iter(blocks)
         while True:
             if self.gate is not None:
                 self.gate.wait_turn(self.timer.estimate())
-            self._block_began = time.monotonic()
+            began = time.monotonic()
             try:
-                yield next(blocks)
+                block = next(blocks)
             except StopIteration:
                 return
+            yield block
+            self.timer.record(time.monotonic() - began)
 
     def _decode(self, block: torch.Tensor, cache: DecoderCache) -> np.ndarray:
         """Frames ``(n, H, W, 3)`` uint8 of the next latent block; the start frame is dropped as live."""

@@ -178,13 +178,14 @@ class Scheduler:
         """The latency budget (module docstring, step 1); remembers its choice for the hysteresis."""
         sizes = range(1, max(1, min(len(self._entries), self.max_batch)) + 1)
         fits = [b for b in sizes if self._fits(b, self.margin)]
-        roomy = [b for b in fits if self._fits(b, self.margin + (1 - self.max_busy) * self.chunk_seconds)]
+        room = (1 - self.max_busy) * self.chunk_seconds  # left free for the work beside the engine
+        roomy = [b for b in fits if self._fits(b, self.margin + room)]
         if not roomy:  # overloaded, or real time with little room: the shortest round (ties: larger)
             self._cap = min(fits or sizes, key=lambda b: (round(self._round_seconds(b), 9), -b))
             return self._cap
         fits = roomy
         if self._cap in fits:  # a change by choice must fit with twice the margin
-            fits = [b for b in fits if b == self._cap or self._fits(b, 2 * self.margin + (1 - self.max_busy) * self.chunk_seconds)]
+            fits = [b for b in fits if b == self._cap or self._fits(b, 2 * self.margin + room)]
         self._cap = min(fits, key=lambda b: (self.estimate(b), b))
         return self._cap
 

@@ -15,8 +15,8 @@ import numpy as np
 
 from .controls import intrinsics_for
 
-# The one prompt the demo model was trained with (``world_model.training.train_dit.DEMO_PROMPT``; repeated
-# here because that module imports torch).
+# The one prompt the demo model was trained with (``world_model.training.train_dit`` trains with it; kept here,
+# torch-free, for the server and the scenes).
 DEMO_PROMPT = "a walk through a sunny world of simple shapes"
 
 

@@ -28,13 +28,13 @@ import numpy as np
 from world_model.controls import intrinsics_for, trajectory
 from world_model.engine import StreamingEngine, build_engine
 from world_model.engine_api import ChunkRequest
+from world_model.start_scenes import DEMO_PROMPT
 from world_model.training.metrics import phase_correlation
 from world_model.training.scenes import Scene
 
 HELD_OUT_SEED = 1_000_000  # training clips use seeds 0 .. clips-1
 TURNS = {"a": ("dx", 1.0), "d": ("dx", -1.0), "i": ("dy", 1.0), "k": ("dy", -1.0)}  # key -> axis, expected sign
 MOVES = {"w": 1.0, "s": -1.0}  # key -> sign of the expansion
-DEMO_PROMPT = "a walk through a sunny world of simple shapes"
 
 
 def steer(engine: StreamingEngine, start: np.ndarray, script: str, chunks: int, seed: int = 0) -> np.ndarray:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from world_model.config import TransformerConfig, preset
 from world_model.schedule import STREAMING_TIMESTEPS
+from world_model.start_scenes import DEMO_PROMPT
 from world_model.text import HashTextEncoder
 from world_model.training.common import (
     ClipPool,
@@ -49,7 +50,6 @@ from world_model.vae import VideoVAE
 
 log = logging.getLogger(__name__)
 
-DEMO_PROMPT = "a walk through a sunny world of simple shapes"
 LATENTS_NAME = "latents.pt"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
