@@ -1,6 +1,7 @@
-"""Compare engine variants on one GPU in one process: eager fp32-matmul GDN, TF32 GDN, compiled blocks.
+"""Compare engine variants on one GPU in one process: eager fp32-matmul GDN, TF32 GDN, the Triton GDN kernel,
+compiled blocks.
 
-    python benchmarks/gpu_variants.py [--sessions 1,4] [--variants highest,tf32,compile]
+    python benchmarks/gpu_variants.py [--sessions 1,4] [--variants highest,tf32,triton,compile,triton_compile]
 
 Full preset, random weights, bf16. For each variant: build time, chunk p50 per batch size (bench.measure)
 and, against the first variant, the largest uint8 difference of the first two chunks of one session.
@@ -9,6 +10,7 @@ and, against the first variant, the largest uint8 difference of the first two ch
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -18,12 +20,19 @@ from stream_server.bench import measure
 from world_model.controls import CameraRig
 from world_model.engine import build_engine
 from world_model.engine_api import ChunkRequest
+from world_model.ops import gated_delta
 
+# Engine options and the GDN backend (world_model.ops.gated_delta) of each variant.
 VARIANTS = {
-    "highest": {"tf32": False},
-    "tf32": {"tf32": True},
-    "compile": {"tf32": True, "compile": True},
-    "channels_last": {"tf32": True},  # + every DiT Conv2d weight in channels-last (cuDNN depthwise instead of the generic kernel)
+    "highest": ({"tf32": False}, "naive"),
+    "tf32": ({"tf32": True}, "naive"),
+    "triton": ({"tf32": True}, "triton"),
+    "compile": ({"tf32": True, "compile": True}, "naive"),
+    "triton_compile": ({"tf32": True, "compile": True}, "triton"),
+    "channels_last": ({"tf32": True}, "naive"),  # + every DiT Conv2d weight in channels-last (cuDNN depthwise)
+    "fp8": ({"tf32": True, "dtype": "fp8"}, "naive"),
+    "fp8_compile": ({"tf32": True, "dtype": "fp8", "compile": True}, "naive"),
+    "triton_fp8_compile": ({"tf32": True, "dtype": "fp8", "compile": True}, "triton"),
 }
 
 
@@ -33,11 +42,20 @@ def conv_weights_channels_last(model: torch.nn.Module) -> None:
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
 
 
-def two_chunks(engine) -> np.ndarray:
+def two_chunks(engine) -> tuple[np.ndarray, np.ndarray]:
+    """Frames and latents of one session's first two chunks (fixed seed and path)."""
     sid, rig = engine.open_session(prompt="parity", seed=7), CameraRig()
-    out = [engine.step([ChunkRequest(sid, np.stack([rig.step(["w", "d"]) for _ in range(24)]))])[0].frames for _ in range(2)]
+    out = [engine.step([ChunkRequest(sid, np.stack([rig.step(["w", "d"]) for _ in range(24)]))])[0] for _ in range(2)]
     engine.close_session(sid)
-    return np.concatenate(out)
+    return np.concatenate([r.frames for r in out]), np.concatenate([r.latents for r in out], axis=1).astype(np.float32)
+
+
+def drift(frames: np.ndarray, latents: np.ndarray, reference: dict) -> str:
+    pixels = np.abs(frames.astype(int) - reference["frames"].astype(int))
+    scale = np.abs(reference["latents"]).max()
+    lat = np.abs(latents - reference["latents"])
+    return (f"vs {reference['name']}: frames max |diff| {int(pixels.max())}, mean {pixels.mean():.3f} levels; "
+            f"latents max |diff| {lat.max() / scale:.2e}, mean {lat.mean() / scale:.2e} of their max")
 
 
 def main() -> None:
@@ -45,22 +63,28 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,4")
     parser.add_argument("--variants", default="highest,tf32,compile")
     parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--reference", help="an .npz of the first variant's two chunks: compared against if it exists, "
+                                            "else written (so that variants run in separate processes compare too)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sessions.split(",")]
-    reference = None
+    reference = {k: v for k, v in np.load(args.reference).items()} if args.reference and os.path.exists(args.reference) else None
     for name in args.variants.split(","):
+        options, backend = VARIANTS[name]
+        os.environ[gated_delta.BACKEND_ENV] = backend
         start = time.perf_counter()
-        engine = build_engine("sana-wm-streaming", device="cuda", dtype="bf16", **VARIANTS[name])
+        engine = build_engine("sana-wm-streaming", device="cuda", **{"dtype": "bf16", **options})
         if name == "channels_last":
             conv_weights_channels_last(engine.model)
         built = time.perf_counter() - start
         start = time.perf_counter()
-        frames = two_chunks(engine)
+        frames, latents = two_chunks(engine)
         first = time.perf_counter() - start
-        diff = "" if reference is None else f", max |frame diff| vs {args.variants.split(',')[0]}: {int(np.abs(frames.astype(int) - reference.astype(int)).max())}, mean {np.abs(frames.astype(int) - reference.astype(int)).mean():.3f}"
-        reference = frames if reference is None else reference
+        if reference is None:
+            reference = {"name": np.array(name), "frames": frames, "latents": latents}
+            if args.reference:
+                np.savez(args.reference, **reference)
+        print(f"== {name}: build {built:.1f} s, first two chunks {first:.1f} s; {drift(frames, latents, reference)}", flush=True)
         result = measure(engine, sizes, chunks=args.chunks)
-        print(f"== {name}: build {built:.1f} s, first two chunks {first:.1f} s{diff}", flush=True)
         print(result.table(), flush=True)
         del engine
         torch.cuda.empty_cache()

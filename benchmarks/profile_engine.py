@@ -3,7 +3,9 @@
     python benchmarks/profile_engine.py --model sana-wm-streaming --device cuda --dtype bf16 --sessions 1
 
 Random weights; sessions are warmed past their first two chunks, then one step is profiled. Prints the
-top CUDA kernels and a split into GEMM / attention / GDN-scan-like / convolution (VAE) / elementwise.
+GPU time of each part of the model (GDN and softmax mixers, cross-attention, FFN, the rest of the DiT, VAE
+decode; from profiler ranges around those modules), a split by kernel family, and the top CUDA kernels.
+With ``--compile`` the blocks are compiled whole, so only the DiT / VAE split is reported.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from world_model.controls import CameraRig
 from world_model.engine import build_engine
@@ -50,22 +52,62 @@ def main() -> None:
     def requests():
         return [ChunkRequest(sid, np.stack([rig.step(["w"]) for _ in range(n)])) for sid, rig in zip(ids, rigs)]
 
+    parts = _annotate(engine, fine=not args.compile)
     for _ in range(3):
         frames = engine.step(requests())[0].frames
     print(f"frames: mean {frames.mean():.1f}, std {frames.std():.1f}, saturated {(frames == 0).mean() + (frames == 255).mean():.3f}")
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = engine.info.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         engine.step(requests())
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        sync()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind]
+    time_of = (lambda e: e.device_time_total) if cuda else (lambda e: e.cpu_time_total)
+    spans = {e.key: time_of(e) for e in events if e.key in parts}
+    step = sum(spans.get(p, 0.0) for p in ("dit", "vae_decode"))
+    print(f"sessions {args.sessions}: parts by GPU span (ms; % of DiT + VAE {step / 1e3:.1f} ms)")
+    for name in parts:
+        if name in spans:
+            print(f"  {name:20s} {spans[name] / 1e3:9.1f} ms  {100 * spans[name] / max(step, 1e-9):5.1f}%")
     split = defaultdict(float)
     for e in events:
-        split[family(e.key)] += e.self_device_time_total
+        if e.key not in parts:
+            split[family(e.key)] += e.self_device_time_total if cuda else e.self_cpu_time_total
     total = sum(split.values())
     print(f"sessions {args.sessions}: GPU kernel time {total / 1e3:.1f} ms")
     for fam, us in sorted(split.items(), key=lambda kv: -kv[1]):
         print(f"  {fam:20s} {us / 1e3:9.1f} ms  {100 * us / total:5.1f}%")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25, max_name_column_width=90))
+
+
+def _annotate(engine, fine: bool) -> list[str]:
+    """Wrap the engine's parts in profiler ranges (named as returned); the GPU span of each range is its time."""
+    from world_model.transformer import GatedDeltaMixer
+
+    def wrap(module, name):
+        module.forward = _ranged(module.forward, name)
+
+    names = ["dit", "vae_decode"]
+    if fine:
+        for block in engine.model.blocks:
+            wrap(block.attn, "gdn_mixer" if isinstance(block.attn, GatedDeltaMixer) else "softmax_mixer")
+            wrap(block.cross_attn, "cross_attention")
+            block.mlp.spatial = _ranged(block.mlp.spatial, "ffn_spatial")
+            block.mlp.temporal = _ranged(block.mlp.temporal, "ffn_temporal")
+        names[1:1] = ["gdn_mixer", "softmax_mixer", "cross_attention", "ffn_spatial", "ffn_temporal"]
+    engine.model.stream_chunk = _ranged(engine.model.stream_chunk, "dit")
+    engine.vae.decode_chunk = _ranged(engine.vae.decode_chunk, "vae_decode")
+    return names
+
+
+def _ranged(fn, name):
+    def ranged(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+
+    return ranged
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="a downloaded SANA-WM_streaming release folder")
     parser.add_argument("--text-encoder", help="Gemma-2-2B-IT folder for --checkpoint (default: found beside it)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp8"],
+                        help="default: fp32 on CPU, bf16 on CUDA; fp8: bf16 with FP8 block linears (modelopt)")
     parser.add_argument("--chunk-frames", type=int, default=3, choices=[1, 2, 3], help="latent frames per chunk")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; slow first chunks)")
 

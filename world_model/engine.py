@@ -31,18 +31,19 @@ from safetensors.torch import save as st_save
 from .camera import VAE_SPATIAL_STRIDE, VAE_TIME_STRIDE, CameraInputs, chunk_camera_inputs
 from .checkpoint import CheckpointError, load_transformer
 from .config import preset
-from .controls import intrinsics_for
+from .controls import CameraRig, intrinsics_for
 from .engine_api import ChunkRequest, ChunkResult, EngineError, EngineInfo
 from .sampler import SamplerConfig, sample_chunk
 from .schedule import STREAMING_TIMESTEPS
 from .state import SessionState, safetensors_metadata
+from .quantize import quantize_fp8
 from .text import HASH_ENCODER_NAME, HashTextEncoder, PromptCache, TextEncoder, text_encoder_for
 from .transformer import SanaWMTransformer
 from .vae import DecoderCache, VideoVAE
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}  # fp8: bf16 + FP8 block linears
 MIN_IMAGE_SIDE = 16
 MAX_PROMPT_CHARS = 2000
 
@@ -66,7 +67,8 @@ class EngineConfig:
     vae: str | None = None  # diffusers VAE folder; default: the checkpoint's ltx2_causal_vae/ or vae/
     text_encoder: str | None = None  # Gemma-2-2B-IT folder or "hash"; default: found beside the checkpoint
     device: str = "cpu"
-    dtype: str = "fp32"  # "fp32" or "bf16" (weights and activations; recurrent states stay fp32)
+    dtype: str = "fp32"  # "fp32", "bf16" (weights and activations; recurrent states stay fp32) or "fp8" (bf16 with
+    # FP8 block linears, world_model.quantize)
     width: int | None = None  # pixels; default from the preset
     height: int | None = None
     fps: int = 16
@@ -393,13 +395,27 @@ def build_engine(model: str = "demo", checkpoint: str | None = None, device: str
     transformer = transformer.to(device=device, dtype=torch_dtype)
     if torch.device(device).type == "cuda":
         torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
+    if transformer.config.in_channels != vae.latent_channels:
+        raise CheckpointError(f"the DiT expects {transformer.config.in_channels} latent channels, the VAE gives {vae.latent_channels}")
+    engine = StreamingEngine(transformer, vae, text, config)
+    if dtype == "fp8":
+        quantize_fp8(transformer, lambda: calibration_run(engine))
     if config.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes per chunk kind x batch
         for block in transformer.blocks:
             block.compile()
-    if transformer.config.in_channels != vae.latent_channels:
-        raise CheckpointError(f"the DiT expects {transformer.config.in_channels} latent channels, the VAE gives {vae.latent_channels}")
-    return StreamingEngine(transformer, vae, text, config)
+    return engine
+
+
+def calibration_run(engine: StreamingEngine, chunks: int = 2) -> None:
+    """Two chunks of one session walking forward and turning: the inputs FP8 scales are calibrated on."""
+    info = engine.info
+    sid, rig = engine.open_session(prompt="calibration", seed=0), CameraRig()
+    try:
+        for keys in (["w"], ["w", "d"])[:chunks]:
+            engine.step([ChunkRequest(sid, np.stack([rig.step(keys) for _ in range(info.chunk_pixel_frames)]))])
+    finally:
+        engine.close_session(sid)
 
 
 def shipped_weights(model: str) -> Path | None:

@@ -161,6 +161,11 @@ class RotaryTable(nn.Module):
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
     """Rotate channel pairs (2i, 2i+1) of ``(B, H, N, D)`` by ``rope`` ``(N, D/2)`` complex (in fp32)."""
+    if torch.compiler.is_compiling():  # Inductor does not fuse complex ops: the same product in real arithmetic
+        cos, sin = torch.view_as_real(rope).unbind(-1)
+        sin = -sin if inverse else sin
+        even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
     freqs = rope.conj() if inverse else rope
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
     return torch.view_as_real(pairs * freqs).flatten(-2).to(x.dtype)
@@ -172,8 +177,11 @@ def apply_ucpe(x: torch.Tensor, mats: torch.Tensor, rope: torch.Tensor, *, inver
     half = dim // 2
     projected, rotated = x[..., :half], x[..., half:]
     groups = projected.reshape(batch, heads, tokens, half // 4, 4)
-    projected = torch.einsum("bnij,bhngj->bhngi", mats, groups).reshape(batch, heads, tokens, half)
-    return torch.cat([projected, apply_rope(rotated, rope, inverse=inverse_rope)], dim=-1)
+    if torch.compiler.is_compiling():  # a fusable broadcast sum instead of many 4x4 matmuls
+        projected = (mats[:, None, :, None] * groups.unsqueeze(-2)).sum(-1)
+    else:
+        projected = torch.einsum("bnij,bhngj->bhngi", mats, groups)
+    return torch.cat([projected.reshape(batch, heads, tokens, half), apply_rope(rotated, rope, inverse=inverse_rope)], dim=-1)
 
 
 class TemporalShortConv(nn.Module):
@@ -192,19 +200,17 @@ class TemporalShortConv(nn.Module):
         return self.weight.shape[-1] - 1
 
     def forward(self, x: torch.Tensor, left: torch.Tensor | None) -> torch.Tensor:
-        # x: (B, T, S, C) one chunk; left: (B, K-1, S, C) or None
-        batch, frames, tokens, channels = x.shape
-        seq = x.permute(0, 2, 3, 1).reshape(batch * tokens, channels, frames)  # (B*S, C, T)
-        weight = self.weight.to(x.dtype)
-        pad = self.context
-        if left is None:
-            causal = F.conv1d(seq, weight, groups=channels, padding=pad)[..., :frames]
-        else:
-            ctx = left.permute(0, 2, 3, 1).reshape(batch * tokens, channels, pad).to(x.dtype)
-            causal = F.conv1d(torch.cat([ctx, seq], dim=-1), weight, groups=channels)
-        anti = F.conv1d(seq.flip(-1), weight, groups=channels, padding=pad)[..., :frames].flip(-1)
-        out = causal + anti - seq * weight[:, 0, -1, None]
-        return out.reshape(batch, tokens, channels, frames).permute(0, 3, 1, 2)
+        # x: (B, T, S, C) one chunk; left: (B, K-1, S, C) or None. Shifted sums over frames in fp32, in the
+        # tokens' own layout: with T of 1-4 frames a conv1d call is mostly permutes and copies.
+        frames, pad = x.shape[1], self.context
+        weight = self.weight[:, 0].float()  # (C, K)
+        before = x.new_zeros(x.shape[0], pad, *x.shape[2:]) if left is None else left.to(x.dtype)
+        seq = torch.cat([before, x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1).float()
+        # tap K-1 reads frame t in both passes and is counted once; tap j < K-1 reads t-(K-1-j) and t+(K-1-j)
+        out = seq[:, pad : pad + frames] * weight[:, pad]
+        for j in range(pad):
+            out = out + (seq[:, j : j + frames] + seq[:, 2 * pad - j : 2 * pad - j + frames]) * weight[:, j]
+        return out.to(x.dtype)
 
 
 class ConvLayer(nn.Module):

@@ -9,12 +9,13 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLLTX2Video
 from safetensors.torch import load, load_file, save, save_file
 
 from tests.conftest import rel_err
 from world_model.checkpoint import CheckpointError
-from world_model.vae import DecoderCache, VideoVAE, vae_config
+from world_model.vae import DecoderCache, VideoVAE, _padded_input, vae_config
 
 # AutoencoderKLLTX2Video built from the "ltx2" preset (counted on the meta device).
 LTX2_PARAMETERS = 1_222_479_601
@@ -117,6 +118,18 @@ def test_streaming_decode_matches_one_shot_to_fp64_rounding():
     latents = _latents(10, seed=2, dtype=torch.float64)
     streamed = torch.cat(_stream(tiny, latents, (4, 3, 3)), dim=2)
     assert rel_err(streamed, tiny.decode(latents)) < 1e-12  # measured 5e-15
+
+
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+@pytest.mark.parametrize("pad", [(1, 1), (2, 1), (1, 3)])
+def test_padded_input_is_the_convs_own_padding_of_the_concatenation(mode, pad):
+    conv = torch.nn.Conv3d(3, 4, (3, 2 * pad[0] + 1, 2 * pad[1] + 1), padding=(0, *pad), padding_mode=mode)
+    history, frames = torch.randn(2, 3, 2, 5, 7), torch.randn(2, 3, 4, 5, 7)
+    joined = torch.cat([history, frames], dim=2)
+    expected = F.pad(joined, (pad[1], pad[1], pad[0], pad[0], 0, 0), mode="constant" if mode == "zeros" else mode)
+    padded, sides = _padded_input(history, frames, conv)
+    assert sides == pad and torch.equal(padded, expected)
+    assert torch.equal(torch.nn.functional.conv3d(padded, conv.weight, conv.bias), conv(joined))
 
 
 def test_decoder_is_causal(vae):
