@@ -399,7 +399,7 @@ def build_engine(model: str = "demo", checkpoint: str | None = None, device: str
         raise CheckpointError(f"the DiT expects {transformer.config.in_channels} latent channels, the VAE gives {vae.latent_channels}")
     engine = StreamingEngine(transformer, vae, text, config)
     if dtype == "fp8":
-        quantize_fp8(transformer, lambda: calibration_run(engine))
+        quantize_fp8(transformer, lambda model: calibration_run(engine, model))
     if config.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes per chunk kind x batch
         for block in transformer.blocks:
@@ -407,15 +407,17 @@ def build_engine(model: str = "demo", checkpoint: str | None = None, device: str
     return engine
 
 
-def calibration_run(engine: StreamingEngine, chunks: int = 2) -> None:
-    """Two chunks of one session walking forward and turning: the inputs FP8 scales are calibrated on."""
-    info = engine.info
+def calibration_run(engine: StreamingEngine, model: SanaWMTransformer) -> None:
+    """Two chunks of one session walking forward and turning, run by ``model`` in ``engine``'s place: the inputs
+    FP8 scales are calibrated on."""
+    saved, engine.model = engine.model, model
     sid, rig = engine.open_session(prompt="calibration", seed=0), CameraRig()
     try:
-        for keys in (["w"], ["w", "d"])[:chunks]:
-            engine.step([ChunkRequest(sid, np.stack([rig.step(keys) for _ in range(info.chunk_pixel_frames)]))])
+        for keys in (["w"], ["w", "d"]):
+            engine.step([ChunkRequest(sid, np.stack([rig.step(keys) for _ in range(engine.info.chunk_pixel_frames)]))])
     finally:
         engine.close_session(sid)
+        engine.model = saved
 
 
 def shipped_weights(model: str) -> Path | None:

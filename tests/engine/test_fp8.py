@@ -11,7 +11,7 @@ import torch
 from world_model.controls import CameraRig
 from world_model.engine import build_engine
 from world_model.engine_api import ChunkRequest
-from world_model.quantize import fp8_linears, quantize_fp8
+from world_model.quantize import Fp8Linear, fp8_linears, quantize_fp8
 from world_model.transformer import SanaWMTransformer
 
 pytest.importorskip("modelopt.torch.quantization")
@@ -37,14 +37,31 @@ def test_only_the_block_linears_wide_enough_for_fp8_tiles_are_chosen():
 
 
 def test_fp8_engine_holds_fp8_weights_for_exactly_those_linears(engines):
-    _, fp8 = engines
+    bf16, fp8 = engines
     modules = dict(fp8.model.named_modules())
-    chosen = set(fp8_linears(fp8.model))
+    chosen = set(fp8_linears(bf16.model))
+    assert chosen and {n for n, m in modules.items() if isinstance(m, Fp8Linear)} == chosen
     for name in chosen:
         assert modules[name].weight.dtype == torch.float8_e4m3fn, name
+        assert modules[name].input_scale > 0
     assert modules["blocks.0.attn.beta_proj"].weight.dtype == torch.bfloat16
     assert fp8.model.t_block[1].weight.dtype == torch.bfloat16
     assert fp8.info.dtype == "fp8"
+    # the model keeps plain torch modules (no modelopt wrappers), so torch.compile can trace it
+    assert not any(type(m).__module__.startswith("modelopt") for m in fp8.model.modules())
+
+
+def test_fp8_linear_equals_simulated_quantisation():
+    """The scaled FP8 GEMM equals the product of the dequantised FP8 operands (what modelopt simulates)."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    x = (torch.randn(2, 5, 64, generator=g) * 3).to(torch.bfloat16)
+    w_amax, x_amax = linear.weight.abs().max().float(), torch.tensor(4.0)  # x beyond 4 saturates
+    fp8 = Fp8Linear(linear, w_amax, x_amax)
+    deq = lambda t, amax: (t.float() / (amax / 448)).clamp(-448, 448).to(torch.float8_e4m3fn).float() * (amax / 448)
+    expected = deq(x, x_amax) @ deq(linear.weight, w_amax).t() + linear.bias.float()
+    torch.testing.assert_close(fp8(x).float(), expected, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+    assert fp8(x).shape == (2, 5, 32) and fp8(x).dtype == torch.bfloat16
 
 
 def test_fp8_frames_stay_close_to_bf16(engines):
@@ -61,4 +78,4 @@ def test_missing_modelopt_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "modelopt.torch.quantization", None)
     model = SanaWMTransformer(build_engine("tiny", random_weights=True).model.config)
     with pytest.raises(ImportError, match="pip install 'sana-wm-stream\\[fp8\\]'"):
-        quantize_fp8(model, lambda: None)
+        quantize_fp8(model, lambda m: None)

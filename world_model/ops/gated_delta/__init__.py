@@ -5,10 +5,10 @@ The functions here have the reference's meaning and signature and pick the imple
 * the Triton kernel when the tensors are on CUDA, Triton is installed and no gradient is needed (it has no backward);
 * the reference otherwise.
 
-``SANA_WM_GDN_BACKEND`` picks: ``auto`` as above; ``naive`` always the reference; ``triton`` always the kernel (CPU
-tensors then run in Triton's interpreter) and refuses calls that need gradients. The default is ``naive`` until the
-kernel's parity tests have passed on a GPU (tests/gpu/test_gated_delta_triton_cuda.py; so far they ran only under the
-interpreter on CPU), then ``auto``.
+``SANA_WM_GDN_BACKEND`` picks: ``auto`` (the default) as above; ``naive`` always the reference; ``triton`` always the
+kernel (CPU tensors then run in Triton's interpreter) and refuses calls that need gradients. The kernel passed its
+parity tests on an H100 (tests/gpu/test_gated_delta_triton_cuda.py, 47 tests) and made the full model's engine step
+2-18% faster there than the reference's TF32 matmuls (benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from . import naive, triton_kernel
 
 BACKEND_ENV = "SANA_WM_GDN_BACKEND"
 BACKENDS = ("auto", "naive", "triton")
-DEFAULT_BACKEND = "naive"  # "auto" once the kernel has passed its GPU parity run
+DEFAULT_BACKEND = "auto"
 
 
 def frame_gated_delta_rule(
