@@ -8,7 +8,9 @@ The policy of what to step and when is :mod:`stream_server.scheduler`; this modu
 2. for each session in the batch, roll its camera rig over the chunk's frames with the newest input
    (:meth:`Session.next_chunk_input`) and run ``set_prompt`` + ``step`` on the engine thread;
 3. hand each chunk to its session's frame queue (and to ``on_chunk``, the recorder), record the step
-   time, and go back to 1.
+   time;
+4. let the engine finish the step's remaining work (``settle``: the state write the frames did not wait
+   for), record its time, and go back to 1.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from world_model.engine_api import ChunkRequest, ChunkResult, Engine
+from world_model.engine_api import ChunkRequest, ChunkResult, Engine, EngineError
 
 from . import protocol
 from .gate import GatePublisher
@@ -88,13 +90,24 @@ class EngineLoop:
                 continue
             await self._step(plan.batch)
 
-    def _execute(self, prompts: list[tuple[str, str]], requests: list[ChunkRequest]) -> tuple[list, list[int]]:
-        """On the engine thread: new prompts, one batched step, then the sessions' state sizes."""
+    def _execute(self, prompts: list[tuple[str, str]], requests: list[ChunkRequest]) -> list[ChunkResult]:
+        """On the engine thread: new prompts, then one batched step."""
         for engine_id, prompt in prompts:
             self.engine.set_prompt(engine_id, prompt)
-        results = self.engine.step(requests)
-        sizes = [self.engine.state_bytes(r.session_id) for r in requests]
-        return results, sizes
+        return self.engine.step(requests)
+
+    def _settle(self, engine_ids: list[str]) -> tuple[float, dict[str, int]]:
+        """On the engine thread: the step's remaining work; its seconds and the state sizes of the sessions still open."""
+        started = self.clock()
+        self.engine.settle()
+        seconds = self.clock() - started
+        sizes = {}
+        for eid in engine_ids:
+            try:
+                sizes[eid] = self.engine.state_bytes(eid)
+            except EngineError:  # closed while the step ran
+                pass
+        return seconds, sizes
 
     async def _step(self, batch: tuple[str, ...]) -> None:
         sessions = [self._attached[sid] for sid in batch]
@@ -105,29 +118,40 @@ class EngineLoop:
         self.scheduler.start(batch)
         started = self.clock()
         try:
-            results, sizes = await self.call(self._execute, prompts, requests)
+            results = await self.call(self._execute, prompts, requests)
         except Exception:
             log.exception("engine step failed for %d sessions; ending them", len(sessions))
-            self.metrics.step_errors.inc()
             self.scheduler.abort()
-            for session in sessions:
-                session.send(protocol.error_event("engine_error", "the world model failed; this session ends"))
-                if self.on_failure is not None:
-                    await self.on_failure(session, "engine_error")
+            await self._fail(sessions)
             return
         now = self.clock()
         late = self.scheduler.finish(batch, started, now)
         self.metrics.step_seconds.observe(now - started)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.late_chunks.inc(sum(late.values()))
-        for session, chunk, result, size in zip(sessions, inputs, results, sizes):
+        for session, chunk, result in zip(sessions, inputs, results):
             if self._attached.get(session.id) is not session:  # left while its step ran
                 continue
-            session.state_bytes = size
             dropped = session.deliver(result, chunk)
             self.metrics.dropped_frames.inc(dropped)
             if self.on_chunk is not None:
                 await self.on_chunk(session, result, chunk)
+        try:
+            seconds, sizes = await self.call(self._settle, [s.engine_id for s in sessions])
+        except Exception:
+            log.exception("engine settle failed after a step of %d sessions; ending them", len(sessions))
+            await self._fail([s for s in sessions if self._attached.get(s.id) is s])
+            return
+        self.scheduler.settled(len(batch), seconds)
+        for session in sessions:
+            session.state_bytes = sizes.get(session.engine_id, session.state_bytes)
+
+    async def _fail(self, sessions: list[Session]) -> None:
+        self.metrics.step_errors.inc()
+        for session in sessions:
+            session.send(protocol.error_event("engine_error", "the world model failed; this session ends"))
+            if self.on_failure is not None:
+                await self.on_failure(session, "engine_error")
 
     def send_stats(self, interval: float) -> None:
         """Send every streaming session its ``stats`` event (called about once a second)."""

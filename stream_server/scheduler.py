@@ -17,7 +17,9 @@ waits for the session's next step start (half the time between starts on average
 time), then the step's *lead* ``d - start``. For a step of ``b`` sessions that starts just in time the
 lead is ``est(b) + margin``, so input -> frame is about ``C/2 + est(b) + margin`` on average and
 ``C + est(b) + margin`` at worst (plus encoding, network and the browser's jitter buffer); a session
-whose deadline is later than its batch leader's waits that much longer. Batching lowers the device
+whose deadline is later than its batch leader's waits that much longer. ``est(b)`` covers only what the
+frames wait for: the engine's trailing work of a step (the state write, one DiT forward of five) runs
+after the frames are out, as its own *settle* phase of cost ``settle(b)``, and delays only the next step. Batching lowers the device
 time per session (a round of ``n`` sessions in batches of ``b`` costs ``ceil(n/b) * est(b)``) but
 raises ``est(b)``. Real time needs the round to fit in a chunk's playback; latency wants ``est(b)``
 small. Hence the policy.
@@ -25,7 +27,7 @@ small. Hence the policy.
 Policy, at each decision point while the engine is idle (``n`` sessions, ``est`` as below):
 
 1. Batch cap, the latency budget: among the sizes ``b <= max_batch`` whose round fits with room to
-   spare, ``ceil(n/b) * est(b) + margin <= max_busy * C``, take the one with the shortest step
+   spare, ``ceil(n/b) * (est(b) + settle(b)) + margin <= max_busy * C``, take the one with the shortest step
    ``est(b)`` (ties: the smaller). ``max_busy`` (< 1 in a server) leaves the rest of each chunk's time
    to the work beside the engine (video encoding, WebRTC, a refiner on the same device); when no size
    leaves that room but some still fit in ``C``, the cap is the one whose round leaves the most. With
@@ -39,12 +41,13 @@ Policy, at each decision point while the engine is idle (``n`` sessions, ``est``
    the sessions due before ``leader + est(cap)``, at most ``cap``: those could not wait for the next
    step, which may be a full one. Sessions that can wait are left out so that their own chunk starts
    later, with newer input.
-3. Start: the latest time at which the whole chain of groups, run back to back, finishes each group
-   ``margin`` before its leader's deadline using each group's own ``est``. Backwards: a group must end
-   by ``min(leader deadline - margin, start of the next group)`` and starts ``est(size)`` before that.
+3. Start: the latest time at which the whole chain of groups, run back to back, delivers each group
+   ``margin`` before its leader's deadline using each group's own ``est`` and ``settle``. Backwards: a
+   group must deliver by ``min(leader deadline - margin, start of the next group - settle(size))`` and
+   starts ``est(size)`` before that. A round costs ``est(b) + settle(b)`` per batch (step 1).
    The plan is the first group at that time (or now, if it is past); the loop waits until then (and
    re-plans when a session joins or leaves).
-4. ``est(b)`` is the cautious step time for a batch of ``b``: the moving average for that size times
+4. ``est(b)`` (and likewise ``settle(b)``, from its own samples) is the cautious step time for a batch of ``b``: the moving average for that size times
    ``1 + 2 * dev``, ``dev`` being the moving average of the relative deviation of steps from their
    size's mean (as TCP estimates round trips, shared by all sizes since jitter belongs to the machine).
    Unmeasured sizes lie on the line through the nearest measured ones, continued past the ends (never
@@ -139,6 +142,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.margin = margin_seconds
         self.estimate = estimator
+        self.settle_estimate = StepTimeEstimator(prior_seconds=0.0)  # the engine's work after the frames
         self._entries: dict[str, _Entry] = {}
         self._joined = 0
         self._in_flight: tuple[str, ...] = ()
@@ -169,7 +173,11 @@ class Scheduler:
 
     def _round_seconds(self, batch: int) -> float:
         """Device time for one chunk of every session in batches of at most ``batch``."""
-        return -(-len(self._entries) // batch) * self.estimate(batch)
+        return -(-len(self._entries) // batch) * self._busy(batch)
+
+    def _busy(self, batch: int) -> float:
+        """The engine's time for a step of ``batch`` with its settle phase."""
+        return self.estimate(batch) + self.settle_estimate(batch)
 
     def _fits(self, batch: int, slack: float) -> bool:
         return self._round_seconds(batch) + slack <= self.chunk_seconds
@@ -206,9 +214,9 @@ class Scheduler:
                 end += 1
             groups.append((first, end - first))
             first = end
-        start = float("inf")  # the chain backwards: each group ends by its leader's deadline - margin
+        start = float("inf")  # the chain backwards: each group delivers by its leader's deadline - margin
         for leader, size in reversed(groups):
-            start = min(deadlines[leader] - self.margin, start) - self.estimate(size)
+            start = min(deadlines[leader] - self.margin, start - self.settle_estimate(size)) - self.estimate(size)
         return Plan(start_at=max(now, start), batch=tuple(waiting[:groups[0][1]]))
 
     def start(self, batch: tuple[str, ...]) -> None:
@@ -235,6 +243,10 @@ class Scheduler:
             entry.ready_until = max(entry.ready_until, now) + self.chunk_seconds
             entry.last_delivery = now
         return late
+
+    def settled(self, batch_size: int, seconds: float) -> None:
+        """The engine finished the settle phase of a step of ``batch_size`` sessions in ``seconds``."""
+        self.settle_estimate.record(batch_size, seconds)
 
     def abort(self) -> None:
         """The step in flight failed; its sessions are waiting again with unchanged deadlines."""

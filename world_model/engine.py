@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, load_transformer
 from .config import preset
 from .controls import CameraRig, intrinsics_for
 from .engine_api import ChunkRequest, ChunkResult, EngineError, EngineInfo
-from .sampler import SamplerConfig, sample_chunk
+from .sampler import Denoiser, SamplerConfig, denoise_chunk, write_chunk
 from .schedule import STREAMING_TIMESTEPS
 from .state import SessionState, safetensors_metadata
 from .quantize import quantize_fp8
@@ -100,6 +100,17 @@ class _Session:
         return min(self.chunk_index, 2)
 
 
+@dataclass
+class _PendingWrite:
+    """The state write of one batched group of a step, run by ``settle``: the group's sessions, the denoiser
+    closure over their stacked state, text and camera, and the clean latents it writes."""
+
+    sessions: list[_Session]
+    denoise: Denoiser
+    latents: torch.Tensor
+    state: SessionState
+
+
 class StreamingEngine:
     """Implements ``engine_api.Engine`` on a ``SanaWMTransformer``, a ``VideoVAE`` and a text encoder."""
 
@@ -127,6 +138,7 @@ class StreamingEngine:
             dtype=config.dtype,
         )
         self._sessions: dict[str, _Session] = {}
+        self._pending: list[_PendingWrite] = []  # state writes of the last step, not run yet (settle)
         # A model of the demo geometry (shipped, exported by training or random) knows the procedural renderer's
         # worlds only: it starts from one of its scenes, rendered on the first session that brings no image.
         demo = preset("demo")
@@ -164,7 +176,7 @@ class StreamingEngine:
         self._get(session_id).prompt = prompt
 
     def close_session(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        self._sessions.pop(session_id, None)  # a write still pending for its batch runs for the others
 
     def sessions(self) -> list[str]:
         """Ids of the open sessions."""
@@ -172,12 +184,14 @@ class StreamingEngine:
 
     def state_bytes(self, session_id: str) -> int:
         s = self._get(session_id)
+        self.settle()
         return (s.state.nbytes if s.state is not None else 0) + (s.vae_cache.nbytes if s.vae_cache is not None else 0)
 
     # ---- generation -----------------------------------------------------------------------------------
 
     def step(self, requests: Sequence[ChunkRequest]) -> list[ChunkResult]:
         sessions = self._check(requests)
+        self.settle()  # the state writes of the last step, if the caller has not run them yet
         results: list[ChunkResult | None] = [None] * len(requests)
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(sessions):
@@ -210,21 +224,55 @@ class StreamingEngine:
         def denoise(x: torch.Tensor, timestep: torch.Tensor, write: bool) -> torch.Tensor:
             return self.model.stream_chunk(x.to(self.dtype), timestep.to(self.device), text, mask, camera, state, write_state=write).float()
 
-        latents = sample_chunk(denoise, noise, self.sampler, anchor)
+        latents = denoise_chunk(denoise, noise, self.sampler, anchor)
         video = self.vae.decode_chunk(latents.to(self.dtype), cache)
         if first:
             video = video[:, :, 1:]  # the start image itself is not emitted
         rgb = self.vae.to_uint8(video)
 
-        for s, own_state, own_cache in zip(sessions, _clone_split(state), cache.split()):
-            s.state, s.vae_cache = own_state, own_cache
+        self._pending.append(_PendingWrite(sessions, denoise, latents, state))
+        for s, own_cache in zip(sessions, cache.split()):
+            s.state, s.vae_cache = None, own_cache  # the DiT state follows in settle()
             s.chunk_index += 1
             s.latent_index += frames
             s.frames_emitted += rgb.shape[1]
-            if s.state.next_frame >= self.rebase_after:
-                delta = s.state.next_frame - (self.sampler.first_chunk_frames + self.sampler.chunk_frames)
-                self.model.rebase_state(s.state, delta)
         return list(rgb), list(latents.to(torch.float16).cpu().numpy())
+
+    def warm_up(self, batches: Sequence[int] = (1, 2)) -> None:
+        """Run throwaway sessions through every chunk kind (first, second, later) at each batch size given.
+
+        With compiled blocks this is where compiling happens: one session gets its own graphs and a batch of two
+        makes the batch dimension dynamic, so no later batch size or chunk stalls a live session on compiling.
+        """
+        for batch in batches:
+            sessions = [self.open_session(prompt="warm-up", seed=i) for i in range(batch)]
+            rigs = [CameraRig() for _ in sessions]
+            try:
+                for _ in range(3):  # kinds 0, 1, 2
+                    self.step([ChunkRequest(sid, np.stack([rig.step(["w"]) for _ in range(self.info.chunk_pixel_frames)]))
+                               for sid, rig in zip(sessions, rigs)])
+                self.settle()
+            finally:
+                for sid in sessions:
+                    self.close_session(sid)
+
+    def settle(self) -> None:
+        """Run the state writes of the last step (the sampler's third step: one forward of each clean chunk).
+
+        The frames of a step do not need them, so a server shows the frames first and calls this while the
+        viewers watch; ``step``, ``state_bytes`` and ``export_session`` call it themselves when needed.
+        """
+        pending, self._pending = self._pending, []
+        with torch.inference_mode():
+            for work in pending:
+                write_chunk(work.denoise, work.latents)
+                for s, own_state in zip(work.sessions, _clone_split(work.state)):
+                    if self._sessions.get(s.id) is not s:  # closed meanwhile
+                        continue
+                    s.state = own_state
+                    if s.state.next_frame >= self.rebase_after:
+                        delta = s.state.next_frame - (self.sampler.first_chunk_frames + self.sampler.chunk_frames)
+                        self.model.rebase_state(s.state, delta)
 
     def _camera(self, sessions: list[_Session], poses: list[np.ndarray], frames: int) -> CameraInputs:
         """Per-session camera inputs of this chunk (poses of the new pixel frames; chunk 0 adds frame 0)."""
@@ -245,6 +293,7 @@ class StreamingEngine:
     def export_session(self, session_id: str) -> bytes:
         """The whole session (DiT state, VAE cache, noise generator, prompt, counters) as bytes."""
         s = self._get(session_id)
+        self.settle()
         tensors = {"anchor": s.anchor.cpu().contiguous(), "generator": s.generator.get_state()}
         if s.state is not None:
             tensors.update({f"state.{k}": v.cpu().contiguous() for k, v in s.state.tensors().items()})
@@ -404,19 +453,18 @@ def build_engine(model: str = "demo", checkpoint: str | None = None, device: str
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes per chunk kind x batch
         for block in transformer.blocks:
             block.compile()
+        log.info("compiling the DiT blocks for every chunk kind, one session and several (minutes)")
+        engine.warm_up()
     return engine
 
 
 def calibration_run(engine: StreamingEngine, model: SanaWMTransformer) -> None:
-    """Two chunks of one session walking forward and turning, run by ``model`` in ``engine``'s place: the inputs
-    FP8 scales are calibrated on."""
+    """The engine's warm-up (one session through every chunk kind) with ``model`` in its place: the inputs FP8
+    scales are calibrated on."""
     saved, engine.model = engine.model, model
-    sid, rig = engine.open_session(prompt="calibration", seed=0), CameraRig()
     try:
-        for keys in (["w"], ["w", "d"]):
-            engine.step([ChunkRequest(sid, np.stack([rig.step(keys) for _ in range(engine.info.chunk_pixel_frames)]))])
+        engine.warm_up((1,))
     finally:
-        engine.close_session(sid)
         engine.model = saved
 
 

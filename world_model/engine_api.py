@@ -8,6 +8,7 @@ A server (or ``generate``) drives an engine like this::
         poses = [rig.step(keys) for _ in range(engine.info.chunk_pixel_frames)]   # newest input
         (result,) = engine.step([ChunkRequest(sid, np.stack(poses))])
         show(result.frames)                                                         # (n, H, W, 3) uint8
+        engine.settle()                          # the step's remaining work, while the frames play
     engine.close_session(sid)
 
 ``step`` advances every requested session by one chunk in one batched pass; sessions in their first chunk
@@ -87,4 +88,11 @@ class Engine(Protocol):
 
     def step(self, requests: Sequence[ChunkRequest]) -> list[ChunkResult]:
         """Generate one chunk for each request (distinct sessions) in one batched pass, in request order."""
+        ...
+
+    def settle(self) -> None:
+        """Finish the work of the last step that its frames do not wait for (advancing the sessions' state).
+
+        Optional for correctness (``step`` and the other calls settle first when needed); a server calls it
+        after showing a step's frames, so that the next inputs wait only for the part the frames need."""
         ...

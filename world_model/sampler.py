@@ -5,6 +5,9 @@ Per chunk:
      follows; the image anchor (latent frame 0 of chunk 0) stays at t = 0 and keeps its value;
   2. emit the clean latents;
   3. write: one more forward of the clean chunk at t = 0 with ``write_state=True`` advances the state.
+
+The frames need only 1-2; a live engine shows them first and runs 3 afterwards (``denoise_chunk``, then
+``write_chunk``), since nothing of the chunk waits for it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ def sample_chunk(denoise: Denoiser, noise: torch.Tensor, config: SamplerConfig, 
 
     Returns the clean latents after the state-writing pass.
     """
+    x = denoise_chunk(denoise, noise, config, anchor)
+    write_chunk(denoise, x)
+    return x
+
+
+def denoise_chunk(denoise: Denoiser, noise: torch.Tensor, config: SamplerConfig, anchor: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 1-2: the clean latents of one chunk; the session state is read, not written."""
     x = noise.clone()
     batch, _, frames = x.shape[:3]
     frozen = torch.zeros(frames, dtype=torch.bool)
@@ -46,8 +56,12 @@ def sample_chunk(denoise: Denoiser, noise: torch.Tensor, config: SamplerConfig, 
         timestep[:, frozen] = 0.0
         velocity = denoise(x, timestep, False)
         x = euler_step(x, velocity, sigma, sigma_next, frozen)
-    denoise(x, torch.zeros(batch, frames), True)
     return x
+
+
+def write_chunk(denoise: Denoiser, x: torch.Tensor) -> None:
+    """Step 3: the clean chunk ``x`` at t = 0 advances the session state."""
+    denoise(x, torch.zeros(x.shape[0], x.shape[2]), True)
 
 
 def chunk_spans(total_frames: int, config: SamplerConfig) -> list[tuple[int, int]]:

@@ -100,6 +100,7 @@ def test_rebasing_rope_time_leaves_the_video_unchanged():
     for eng in (plain, rebased):
         d = Driver(eng, ["w", "d"])
         runs.append(_run(eng, [d], 6)[0])
+        eng.settle()
         positions = eng._sessions[d.id].state.next_frame
         runs.append(positions)
     _close(runs[0], runs[2])
@@ -178,3 +179,49 @@ def test_bad_requests_are_refused_and_harm_no_session(engine):
     assert result.chunk_index == 0
     engine.close_session(d.id)
     engine.close_session(d.id)  # closing twice is harmless
+
+
+def test_settling_after_the_frames_changes_nothing():
+    """The state write runs in settle(), after a step's frames are out; whether the caller settles after each step
+    or leaves it to the next step, the frames are the same, and a session closed in between does not disturb the
+    write of the others in its batch."""
+    runs = []
+    for settle_early in (False, True):
+        eng = build_engine("tiny")
+        a, b = Driver(eng, ["w", "d"], seed=1), Driver(eng, ["a"], seed=2)
+        frames = []
+        for chunk in range(4):
+            frames.append([r.frames for r in eng.step([a.request(), b.request()] if chunk < 2 else [a.request()])])
+            assert eng._pending  # the write waits for settle()
+            if chunk == 1:
+                eng.close_session(b.id)  # leaves between its last step and that step's write
+            if settle_early:
+                eng.settle()
+                assert not eng._pending
+        runs.append(frames)
+    for early, late in zip(*runs):
+        for x, y in zip(early, late):
+            assert np.array_equal(x, y)
+
+
+def test_state_size_and_export_settle_first(engine):
+    d = Driver(engine, ["w"], seed=4)
+    engine.step([d.request()])
+    assert engine.state_bytes(d.id) > engine._get(d.id).vae_cache.nbytes  # the DiT state is there, written
+    engine.step([d.request()])
+    data = engine.export_session(d.id)
+    assert not engine._pending
+    restored = engine.import_session(data)
+    assert engine.state_bytes(restored) == engine.state_bytes(d.id)
+    for sid in (d.id, restored):
+        engine.close_session(sid)
+
+
+def test_warm_up_runs_every_chunk_kind_and_leaves_nothing_behind():
+    eng = build_engine("tiny")
+    seen = []
+    advance = eng._advance
+    eng._advance = lambda sessions, poses: (seen.append((len(sessions), sessions[0].kind)), advance(sessions, poses))[1]
+    eng.warm_up((1, 2))
+    assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    assert eng.sessions() == [] and not eng._pending

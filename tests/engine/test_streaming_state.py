@@ -202,8 +202,11 @@ def test_state_layout_predicts_the_real_state():
 
 
 def test_a_batch_of_three_sessions_equals_each_alone():
-    """Three sessions with their own history, prompt and camera in one forward equal the three run alone."""
-    model = _tiny()
+    """Three sessions with their own history, prompt and camera in one forward equal the three run alone.
+
+    With an fp32 softmax window: a bf16 one turns the batched GEMMs' last-bit differences into an occasional
+    one-ulp bf16 flip of a cached key (2e-4 in the velocity, measured), which says nothing about batching."""
+    model = _tiny(softmax_bf16=False)
     sessions = []
     for seed in range(3):
         c2w, intr, text, mask = _session_inputs(4 + 3 * 3, seed=seed + 10)

@@ -32,6 +32,7 @@ class FakeEngine:
         self.per_session_seconds = per_session_seconds  # extra cost per session in the batch
         self.sessions: dict[str, dict] = {}
         self.batches: list[tuple[str, ...]] = []  # session ids of every step, in order
+        self.settles: list[int] = []  # steps run before each settle() call
         self.fail_next_step = False
         self._next_id = 0
         self._thread: int | None = None  # all calls must come from one thread
@@ -69,6 +70,10 @@ class FakeEngine:
         if session_id not in self.sessions:
             raise EngineError(f"unknown session {session_id!r}")
         return self.sessions[session_id]
+
+    def settle(self) -> None:
+        self._check_thread()
+        self.settles.append(len(self.batches))  # how many steps had run when it was called
 
     def step(self, requests: Sequence[ChunkRequest]) -> list[ChunkResult]:
         self._check_thread()

@@ -81,8 +81,10 @@ class Run:
         return statistics.median(latencies), p[18]
 
 
-def simulate(sched: Scheduler, cost: StepCost, until: float, joins: dict[str, float] | None = None) -> Run:
-    """Run the loop of stream_server.loop on a fake clock; ``joins``: session id -> time it joins."""
+def simulate(sched: Scheduler, cost: StepCost, until: float, joins: dict[str, float] | None = None,
+             settle: StepCost | None = None) -> Run:
+    """Run the loop of stream_server.loop on a fake clock; ``joins``: session id -> time it joins; ``settle``:
+    the engine's work after a step's delivery (its settle phase), if any."""
     joins = dict(joins or {})
     now = 0.0
     run = Run(delivered={sid: [] for sid in joins}, shown={sid: [] for sid in joins})
@@ -110,6 +112,10 @@ def simulate(sched: Scheduler, cost: StepCost, until: float, joins: dict[str, fl
             if late[sid]:
                 run.late.append((finish, sid))
         now = finish
+        if settle is not None:
+            seconds = settle(len(plan.batch))
+            sched.settled(len(plan.batch), seconds)
+            now += seconds
     return run
 
 
@@ -352,3 +358,32 @@ def test_staggered_load_keeps_batches_small_and_everyone_on_time():
     assert all(sched.late_chunks(sid) == 0 for sid in joins)
     for times in run.delivered.values():  # real time: one chunk per 1.5 s after the start
         assert len(times) >= 60.0 / CHUNK - 3
+
+
+@pytest.mark.parametrize("cost", [CPU_LIKE, GPU_LIKE])
+def test_work_after_the_frames_shortens_the_lead_by_its_length(cost):
+    """A fifth of each step moved after delivery (the engine's settle phase, the DiT state write) keeps real
+    time and takes about its own length off input -> frame, against the same work inside the step."""
+    base, per_session = cost
+    inside = simulate(make(), StepCost(base, per_session, jitter=0.1), 40.0, staggered(4))
+    after = simulate(make(), StepCost(0.8 * base, 0.8 * per_session, jitter=0.1), 40.0, staggered(4),
+                     settle=StepCost(0.2 * base, 0.2 * per_session, jitter=0.1, seed=1))
+    assert inside.late_after(10.0) == 0 and after.late_after(10.0) == 0
+    p50_inside, _ = inside.input_latency(10.0, 38.0)
+    p50_after, _ = after.input_latency(10.0, 38.0)
+    fifth = 0.2 * (base + per_session * statistics.median(after.sizes_after(10.0)))
+    assert p50_inside - p50_after > 0.5 * fifth, (p50_inside, p50_after, fifth)
+
+
+def test_the_chain_leaves_each_groups_settle_before_the_next():
+    """Two single steps due 0.1 s apart: the first must also finish its settle phase before the second starts."""
+    sched = make(max_batch=1)
+    sched.add("a", 0.0, buffered_seconds=3.0)
+    sched.add("b", 0.0, buffered_seconds=3.1)
+    for _ in range(3):
+        sched.estimate.record(1, 0.3)
+        sched.settled(1, 0.2)
+    plan = sched.plan(0.0)
+    # b: starts 3.1 - margin - 0.3; a: delivers by then minus a's settle (0.2), starting 0.3 before that
+    assert plan.batch == ("a",)
+    assert plan.start_at == pytest.approx(3.1 - MARGIN - 0.3 - 0.2 - 0.3)

@@ -179,6 +179,9 @@ async def test_two_viewers_share_the_engine_and_an_engine_failure_ends_only_its_
         await va.frame()
         await vb.frame()
         assert len(engine.batches) >= 2
+        # every step is followed by the engine's settle phase, once its frames are handed out
+        steps = len(engine.batches)
+        assert engine.settles[: steps - 1] == list(range(1, steps))
         engine.fail_next_step = True
         ended = await va.wait_event(lambda e: e["type"] == "ended", timeout=5)
         assert ended["reason"] == "engine_error"
