@@ -273,6 +273,8 @@ class StreamingEngine:
                     if s.state.next_frame >= self.rebase_after:
                         delta = s.state.next_frame - (self.sampler.first_chunk_frames + self.sampler.chunk_frames)
                         self.model.rebase_state(s.state, delta)
+        if pending and self.device.type == "cuda":  # done when it returns, so a caller's timing of it is the device's
+            torch.cuda.synchronize(self.device)
 
     def _camera(self, sessions: list[_Session], poses: list[np.ndarray], frames: int) -> CameraInputs:
         """Per-session camera inputs of this chunk (poses of the new pixel frames; chunk 0 adds frame 0)."""

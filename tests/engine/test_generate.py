@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stream_server.bench import BatchTiming, scheduled_latency
 from stream_server.cli import build_parser, main
 
 
@@ -64,6 +65,20 @@ def test_bench_prints_the_interface_json(capsys):
         assert key in result
     assert result["sessions"] == 2 and [b["sessions"] for b in result["batches"]] == [1, 2]
     assert result["chunk_ms_p50"] > 0 and result["state_bytes_per_session"] > 0
+    for b in result["batches"]:  # the step up to its frames and the settle phase after them make up the chunk
+        assert b["frames_ms_p50"] > 0 and b["settle_ms_p50"] > 0
+        assert b["frames_ms_p50"] + b["settle_ms_p50"] == pytest.approx(b["chunk_ms_p50"], rel=0.5)
+    assert result["latency_sessions"] == result["max_realtime_sessions"] == 2  # tiny: far faster than real time
+    assert 0 < result["input_to_frame_ms_p50"] <= result["input_to_frame_ms_p95"]
+
+
+def test_scheduled_latency_is_half_a_chunk_plus_the_lead():
+    """One session with steps of 0.3 s up to the frames: an input waits on average half a chunk for the next step
+    start, then the step and the scheduler's margin; the settle phase after the frames does not count."""
+    timings = [BatchTiming(1, 400.0, 400.0, 3.75, frames_ms_p50=300.0, settle_ms_p50=100.0)]
+    p50, p95 = scheduled_latency(timings, 1, 1.5)
+    assert p50 == pytest.approx(0.75 + 0.3 + 0.08, abs=0.05)
+    assert p95 == pytest.approx(0.95 * 1.5 + 0.3 + 0.08, abs=0.05)
 
 
 def test_the_demo_model_is_the_default_and_random_weights_a_flag():
