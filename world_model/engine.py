@@ -192,6 +192,9 @@ class StreamingEngine:
     def step(self, requests: Sequence[ChunkRequest]) -> list[ChunkResult]:
         sessions = self._check(requests)
         self.settle()  # the state writes of the last step, if the caller has not run them yet
+        lost = [s.id for s in sessions if s.chunk_index > 0 and s.state is None]
+        if lost:
+            raise EngineError(f"session(s) {', '.join(lost)} lost their state in a failed step and cannot continue")
         results: list[ChunkResult | None] = [None] * len(requests)
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(sessions):
@@ -263,9 +266,14 @@ class StreamingEngine:
         viewers watch; ``step``, ``state_bytes`` and ``export_session`` call it themselves when needed.
         """
         pending, self._pending = self._pending, []
+        failure: Exception | None = None
         with torch.inference_mode():
             for work in pending:
-                write_chunk(work.denoise, work.latents)
+                try:
+                    write_chunk(work.denoise, work.latents)
+                except Exception as exc:  # the other groups still get their writes; these sessions cannot go on
+                    failure = failure or exc
+                    continue
                 for s, own_state in zip(work.sessions, _clone_split(work.state)):
                     if self._sessions.get(s.id) is not s:  # closed meanwhile
                         continue
@@ -275,6 +283,8 @@ class StreamingEngine:
                         self.model.rebase_state(s.state, delta)
         if pending and self.device.type == "cuda":  # done when it returns, so a caller's timing of it is the device's
             torch.cuda.synchronize(self.device)
+        if failure is not None:
+            raise failure
 
     def _camera(self, sessions: list[_Session], poses: list[np.ndarray], frames: int) -> CameraInputs:
         """Per-session camera inputs of this chunk (poses of the new pixel frames; chunk 0 adds frame 0)."""

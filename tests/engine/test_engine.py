@@ -225,3 +225,25 @@ def test_warm_up_runs_every_chunk_kind_and_leaves_nothing_behind():
     eng.warm_up((1, 2))
     assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
     assert eng.sessions() == [] and not eng._pending
+
+
+def test_a_failed_state_write_stops_only_its_sessions():
+    eng = build_engine("tiny")
+    a, b = Driver(eng, ["w"], seed=1), Driver(eng, ["d"], seed=2)
+    eng.step([a.request()])  # a is one chunk ahead: the next step batches the two in separate groups
+    eng.settle()
+    eng.step([a.request(), b.request()])
+    forward = eng.model.stream_chunk
+
+    def failing_first_chunk_write(x, *args, **kwargs):
+        if kwargs.get("write_state") and x.shape[2] == 4:  # b's first chunk has 4 latent frames, a's second 3
+            raise RuntimeError("device lost")
+        return forward(x, *args, **kwargs)
+
+    eng.model.stream_chunk = failing_first_chunk_write
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.settle()  # b's first-chunk write fails; a's write still runs
+    eng.model.stream_chunk = forward
+    with pytest.raises(EngineError, match="lost their state"):
+        eng.step([b.request()])
+    assert len(eng.step([a.request()])[0].frames) == eng.info.chunk_pixel_frames
