@@ -19,10 +19,10 @@ lead is ``est(b) + margin``, so input -> frame is about ``C/2 + est(b) + margin`
 ``C + est(b) + margin`` at worst (plus encoding, network and the browser's jitter buffer); a session
 whose deadline is later than its batch leader's waits that much longer. ``est(b)`` covers only what the
 frames wait for: the engine's trailing work of a step (the state write, one DiT forward of five) runs
-after the frames are out, as its own *settle* phase of cost ``settle(b)``, and delays only the next step. Batching lowers the device
-time per session (a round of ``n`` sessions in batches of ``b`` costs ``ceil(n/b) * est(b)``) but
-raises ``est(b)``. Real time needs the round to fit in a chunk's playback; latency wants ``est(b)``
-small. Hence the policy.
+after the frames are out, as its own *settle* phase of cost ``settle(b)``, and delays only the next step.
+Batching lowers the device time per session (a round of ``n`` sessions in batches of ``b`` costs
+``ceil(n/b) * (est(b) + settle(b))``) but raises ``est(b)``. Real time needs the round to fit in a chunk's
+playback; latency wants ``est(b)`` small. Hence the policy.
 
 Policy, at each decision point while the engine is idle (``n`` sessions, ``est`` as below):
 
@@ -47,7 +47,8 @@ Policy, at each decision point while the engine is idle (``n`` sessions, ``est``
    starts ``est(size)`` before that. A round costs ``est(b) + settle(b)`` per batch (step 1).
    The plan is the first group at that time (or now, if it is past); the loop waits until then (and
    re-plans when a session joins or leaves).
-4. ``est(b)`` (and likewise ``settle(b)``, from its own samples) is the cautious step time for a batch of ``b``: the moving average for that size times
+4. ``est(b)`` (and likewise ``settle(b)``, from its own samples) is the cautious step time for a batch of
+   ``b``: the moving average for that size times
    ``1 + 2 * dev``, ``dev`` being the moving average of the relative deviation of steps from their
    size's mean (as TCP estimates round trips, shared by all sizes since jitter belongs to the machine).
    Unmeasured sizes lie on the line through the nearest measured ones, continued past the ends (never

@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLLTX2Video
 from diffusers.models.autoencoders.autoencoder_kl_ltx2 import LTX2VideoCausalConv3d, LTX2VideoUpsampler3d
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, check_state_dict, read_json_object
