@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from world_model.controls import CameraRig
 from world_model.engine import build_engine
 from world_model.engine_api import ChunkRequest
+from world_model.transformer import GatedDeltaMixer
 
 FAMILIES = (
     ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "ampere_", "sgemm", "matmul")),
@@ -58,9 +59,11 @@ def main() -> None:
     print(f"frames: mean {frames.mean():.1f}, std {frames.std():.1f}, saturated {(frames == 0).mean() + (frames == 255).mean():.3f}")
     cuda = engine.info.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    engine.settle()
     sync()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         engine.step(requests())
+        engine.settle()  # the chunk's state write: the fifth DiT forward
         sync()
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     events = [e for e in prof.key_averages() if e.device_type == kind]
@@ -84,16 +87,11 @@ def main() -> None:
 
 def _annotate(engine, fine: bool) -> list[str]:
     """Wrap the engine's parts in profiler ranges (named as returned); the GPU span of each range is its time."""
-    from world_model.transformer import GatedDeltaMixer
-
-    def wrap(module, name):
-        module.forward = _ranged(module.forward, name)
-
     names = ["dit", "vae_decode"]
     if fine:
         for block in engine.model.blocks:
-            wrap(block.attn, "gdn_mixer" if isinstance(block.attn, GatedDeltaMixer) else "softmax_mixer")
-            wrap(block.cross_attn, "cross_attention")
+            block.attn.forward = _ranged(block.attn.forward, "gdn_mixer" if isinstance(block.attn, GatedDeltaMixer) else "softmax_mixer")
+            block.cross_attn.forward = _ranged(block.cross_attn.forward, "cross_attention")
             block.mlp.spatial = _ranged(block.mlp.spatial, "ffn_spatial")
             block.mlp.temporal = _ranged(block.mlp.temporal, "ffn_temporal")
         names[1:1] = ["gdn_mixer", "softmax_mixer", "cross_attention", "ffn_spatial", "ffn_temporal"]

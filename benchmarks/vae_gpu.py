@@ -59,7 +59,13 @@ def main() -> None:
                 rows.append(f"batch {batch}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
                 break
             pixels = ((out.float().clamp(-1, 1) + 1) * 127.5).round()
-            diff = "" if batch not in reference else f", max |frame diff| {int((pixels - reference[batch]).abs().max())}"
+            ref = reference.get(batch)
+            if ref is None:
+                diff = ""
+            elif ref.shape != pixels.shape:  # e.g. a compiled decoder that lost the streaming cache's frames
+                diff = f", WRONG OUTPUT: shape {tuple(pixels.shape)} instead of {tuple(ref.shape)}"
+            else:
+                diff = f", max |frame diff| {int((pixels - ref).abs().max())}"
             reference.setdefault(batch, pixels)
             rows.append(f"batch {batch}: {ms:8.1f} ms per chunk, {ms / batch:7.1f} ms per session{diff}")
         print(f"== {name}: " + "; ".join(rows), flush=True)

@@ -16,6 +16,7 @@ The policy of what to step and when is :mod:`stream_server.scheduler`; this modu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -103,10 +104,8 @@ class EngineLoop:
         seconds = self.clock() - started
         sizes = {}
         for eid in engine_ids:
-            try:
+            with contextlib.suppress(EngineError):  # closed while the step ran
                 sizes[eid] = self.engine.state_bytes(eid)
-            except EngineError:  # closed while the step ran
-                pass
         return seconds, sizes
 
     async def _step(self, batch: tuple[str, ...]) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import rel_err
+from tests.ops.test_gated_delta_triton import _inputs as cpu_inputs
 from world_model.ops import gated_delta
 from world_model.ops.gated_delta import naive, triton_kernel
 
@@ -49,19 +50,10 @@ def _matmul_precision(precision: str):
 
 
 def _inputs(seed, batch, heads, frames, tokens, dk, dv, dtype=torch.float32):
-    """Like the model's: ReLU keys scaled by 1/sqrt(Dk S), beta in [0, 1], gamma in (0, 1] (both ends hit exactly)."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (batch, heads, frames, tokens)
-    q = torch.randn(*shape, dk, generator=g)
-    k = torch.relu(torch.randn(*shape, dk, generator=g)) * (dk * tokens) ** -0.5
-    v = torch.randn(*shape, dv, generator=g)
-    beta = torch.rand(*shape, generator=g)
-    beta.view(-1)[::7] = 0.0
-    beta.view(-1)[3::7] = 1.0
-    gamma = 1.0 - 0.9 * torch.rand(batch, heads, frames, generator=g)
-    gamma.view(-1)[::3] = 1.0
-    state = torch.randn(batch, heads, dk, dv, generator=g)
-    return [x.to(dtype).cuda() for x in (q, k, v, beta, gamma)], state.cuda()
+    """The CPU tests' inputs (tests/ops) at these sizes, with an initial state, on the GPU."""
+    x, state = cpu_inputs(seed, batch=batch, heads=heads, frames=frames, tokens=tokens, dk=dk, dv=dv, dtype=dtype,
+                          with_state=True)
+    return [t.cuda() for t in x], state.cuda()
 
 
 def _run(impl, mode, x, state):

@@ -28,10 +28,11 @@ FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 
 
-def _inputs(seed=0, *, batch=1, heads=2, frames=3, tokens=40, dk=48, dv=48, dtype=torch.float32):
+def _inputs(seed=0, *, batch=1, heads=2, frames=3, tokens=40, dk=48, dv=48, dtype=torch.float32, with_state=False):
     """q, k, v, beta, gamma like the model's: ReLU keys scaled by 1/sqrt(Dk S), beta in [0, 1], gamma in (0, 1].
 
-    Both ends of the gates are hit exactly: some beta are 0 or 1, some gamma are 1.
+    Both ends of the gates are hit exactly: some beta are 0 or 1, some gamma are 1. ``with_state`` also returns a
+    random fp32 initial state ``(B, H, Dk, Dv)`` drawn after them: ``(inputs, state)``.
     """
     g = torch.Generator().manual_seed(seed)
     shape = (batch, heads, frames, tokens)
@@ -43,7 +44,8 @@ def _inputs(seed=0, *, batch=1, heads=2, frames=3, tokens=40, dk=48, dv=48, dtyp
     beta.view(-1)[3::7] = 1.0
     gamma = 1.0 - 0.9 * torch.rand(batch, heads, frames, generator=g)  # (0.1, 1]
     gamma.view(-1)[::3] = 1.0
-    return [x.to(dtype) for x in (q, k, v, beta, gamma)]
+    inputs = [x.to(dtype) for x in (q, k, v, beta, gamma)]
+    return (inputs, torch.randn(batch, heads, dk, dv, generator=g)) if with_state else inputs
 
 
 def _state(seed, batch, heads, dk, dv):
