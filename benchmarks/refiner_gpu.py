@@ -4,7 +4,7 @@
 
 Stage-1 latents of ``--seconds`` of 1280x704 video at 16 fps (8k+1 frames -> k+1 latents), random; the
 chunk-autoregressive recipe (sink + 10 history, 3-latent blocks, 3 steps + 1 capture forward each). Weights are
-drawn on the GPU (N(0, 0.02)) after building on the meta device, so a run starts in seconds. Prints the
+drawn on the GPU (N(0, 0.02), as ``Refiner.from_preset`` does there), so a run starts in seconds. Prints the
 refiner time, the optional causal-VAE decode time of the refined latents, and peak GPU memory. With
 ``--compile`` each transformer block goes through torch.compile; the first blocks then pay for compiling (the
 K/V window grows for 10 latents), so the steady time (median block × blocks) is printed too.
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from world_model.refiner import Refiner, video_only, refiner_transformer
+from world_model.refiner import Refiner, random_on_device, refiner_transformer
 from world_model.text import HashTextEncoder
 from world_model.vae import VideoVAE
 
@@ -31,14 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     latent_frames = int(args.seconds * 16) // 8 + 1
     start = time.perf_counter()
-    model = video_only(refiner_transformer("ltx2", device="meta"))
-    model = model.to(torch.bfloat16).to_empty(device="cuda")  # bf16 first: 26 GB, never an fp32 copy
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    buffers = [name for name, _ in model.named_buffers()]
-    if buffers:
-        print(f"note: {len(buffers)} buffers left uninitialised: {buffers[:5]}", flush=True)
+    model = random_on_device(refiner_transformer("ltx2", device="meta"), 0, torch.bfloat16, "cuda")
     params = sum(p.numel() for p in model.parameters())
     if args.compile:
         for block in model.transformer_blocks:

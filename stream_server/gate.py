@@ -4,11 +4,12 @@ The server's engine loop knows, after each plan, when its next live step must st
 small file in the data dir (``device-gate.json``, replaced atomically): ``{"idle_until": wall-clock seconds
 or null, "written": wall-clock seconds}``; ``null`` means no live session is waiting, a time in the past
 that a step is running or due. A refine worker sharing the device (``refine --yield-to-live``, which is
-how ``serve`` starts it) calls :meth:`DeviceGate.wait_turn` before each refiner block with its estimate
-of the block's time, and runs the block only when it fits before ``idle_until``; otherwise it sleeps
-until the window has passed and reads again. Live steps therefore never wait for the refiner by more
-than a misestimated block, and the refiner only uses the gaps the live sessions leave (the scheduler's
-``max_busy`` keeps such gaps). A gate file older than ``stale_seconds`` means no server is running: the
+how ``serve`` starts it) asks its :class:`Pacer` before each unit of device work (every refiner forward,
+every block's decode); the pacer waits for the device to finish the previous unit, times it, and calls
+:meth:`DeviceGate.wait_turn` with its estimate for the next unit, which runs only when it fits before
+``idle_until``; otherwise the gate sleeps until the window has passed and reads again. Live steps therefore
+never wait for the refiner by more than a misestimated forward, and the refiner uses the gaps the live
+sessions leave (the scheduler's ``max_busy`` keeps such gaps), down to gaps of one forward. A gate file older than ``stale_seconds`` means no server is running: the
 worker goes ahead. Plain files, so it works across processes and across machines sharing a data dir.
 """
 
@@ -85,8 +86,8 @@ class DeviceGate:
         self._stop.set()
 
 
-class BlockTimer:
-    """The worker's estimate of its next block's time: a cautious moving average of the blocks so far."""
+class UnitTimer:
+    """The worker's estimate of a unit of work's time: a cautious moving average of the units so far."""
 
     def __init__(self, prior_seconds: float = 0.5, alpha: float = 0.3) -> None:
         self.mean = prior_seconds
@@ -99,3 +100,32 @@ class BlockTimer:
 
     def estimate(self) -> float:
         return 1.25 * self.mean
+
+
+class Pacer:
+    """Worker side: call ``pacer(kind)`` before each unit of device work. It waits for the device to finish the
+    previous unit (``sync``), records that unit's time (from its turn to now, so the host work after it counts
+    too) under its kind, then waits for a gap that the new unit's estimate fits in (no gate: no waiting)."""
+
+    def __init__(self, gate: DeviceGate | None, sync: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.gate = gate
+        self.sync = sync
+        self.clock = clock
+        self.timers: dict[str, UnitTimer] = {}
+        self._running: tuple[str, float] | None = None  # the unit that had the last turn, and when
+
+    def __call__(self, kind: str = "forward") -> None:
+        self.sync()
+        self.finish()
+        timer = self.timers.setdefault(kind, UnitTimer())
+        if self.gate is not None:
+            self.gate.wait_turn(timer.estimate())
+        self._running = (kind, self.clock())
+
+    def finish(self) -> None:
+        """Record the running unit as ended now (the pacer's owner calls it when it stops asking)."""
+        if self._running is not None:
+            kind, began = self._running
+            self.timers[kind].record(self.clock() - began)
+            self._running = None

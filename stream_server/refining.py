@@ -21,10 +21,10 @@ refining) to rebuild the decoder cache and the video, and the refiner continues 
 
 Priority policy: inside ``serve`` the worker runs as a separate process started with ``--low-priority``
 and ``--yield-to-live``. The first puts it in the idle scheduling class (``SCHED_IDLE``, else nice 19)
-with one CPU thread. The second makes it wait, before each refiner block, for a gap in the live
-sessions' steps long enough for the block (:mod:`stream_server.gate`: the engine loop publishes when its
-next live step starts), so on a shared device (CPU or GPU) the refiner only uses time the live sessions
-leave free, at the granularity of one block. ``--refiner-device`` (``serve``) or a ``refine`` process on
+with one CPU thread. The second makes it wait, before each refiner forward and each block's decode, for a
+gap in the live sessions' steps long enough for it (:mod:`stream_server.gate`: the engine loop publishes
+when its next live step starts), so on a shared device (CPU or GPU) the refiner only uses time the live
+sessions leave free, at the granularity of one DiT forward. ``--refiner-device`` (``serve``) or a ``refine`` process on
 another machine sharing the data dir keeps it off the live device altogether.
 """
 
@@ -46,13 +46,13 @@ import torch
 
 from world_model.vae import DecoderCache
 
-from .gate import BlockTimer, DeviceGate
+from .gate import DeviceGate, Pacer
 from .jobs import Job, JobQueue, LeaseLost
 from .recording import PREVIEW_OPTIONS, RecordingStore, prompt_schedule
 
 log = logging.getLogger(__name__)
 
-RefineFn = Callable[..., Iterator[torch.Tensor]]  # Refiner.refine_blocks(latents, schedule, *, seed, start_frame, refined_prefix)
+RefineFn = Callable[..., Iterator[torch.Tensor]]  # Refiner.refine_blocks(latents, schedule, *, seed, start_frame, refined_prefix, pace)
 REFINED = "refined.mp4"
 BLOCKS_DIR = "refine"  # refined latent blocks of an unfinished job, one .npy per block
 
@@ -137,8 +137,8 @@ class RefineWorker:
         self.model = model
         self.lease_seconds = lease_seconds
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
-        self.gate = gate  # live sessions first: wait for a gap before each block (stream_server.gate)
-        self.timer = BlockTimer()
+        # live sessions first: wait for a gap before each forward and decode (stream_server.gate)
+        self.pacer = Pacer(gate, sync=_sync_device)
 
     def run(self, session_id: str | None = None, *, follow: bool = False, poll_seconds: float = 2.0,
             stop: threading.Event | None = None) -> int:
@@ -227,8 +227,8 @@ class RefineWorker:
             done_frames = sum(b.shape[2] for b in prefix)
             refined_prefix = torch.cat(prefix, dim=2).float() if prefix else None
             blocks = self.refine(latents.float(), prompts, seed=meta["seed"], start_frame=done_frames,
-                                 refined_prefix=refined_prefix)
-            for block in self._gated(blocks):
+                                 refined_prefix=refined_prefix, pace=self.pacer)
+            for block in blocks:
                 if lost.is_set():
                     raise LeaseLost(job.session_id)
                 block = block.detach().to("cpu", torch.float16)  # what is saved is what is decoded
@@ -238,6 +238,7 @@ class RefineWorker:
                 video.write(self._decode(block, cache))
                 done_frames += block.shape[2]
                 self.queue.heartbeat(job, self.lease_seconds, progress=done_frames / total)
+            self.pacer.finish()
             if done_frames != total:
                 raise RuntimeError(f"the refiner yielded {done_frames} latent frames of {total}")
             if video.frames != meta["frames"]:
@@ -246,6 +247,7 @@ class RefineWorker:
             if (on_disk := _video_frames(tmp)) != video.frames:  # what a reader will get, not what was sent
                 raise RuntimeError(f"the refined video reads back with {on_disk} of its {video.frames} frames")
         except BaseException:
+            self.pacer.finish()
             if video is not None:
                 video.abort()
             tmp.unlink(missing_ok=True)  # a partial file, never renamed; on a full disk its space is needed
@@ -263,29 +265,21 @@ class RefineWorker:
         for stale in folder.glob(f"{REFINED}.*.tmp"):  # left by workers that died
             stale.unlink(missing_ok=True)
 
-    def _gated(self, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """``blocks``, each computed only once the gate gives a turn long enough for it; the time measured per
-        block runs until the next one is asked for, so it covers the block's decode and write too."""
-        blocks = iter(blocks)
-        while True:
-            if self.gate is not None:
-                self.gate.wait_turn(self.timer.estimate())
-            began = time.monotonic()
-            try:
-                block = next(blocks)
-            except StopIteration:
-                return
-            yield block
-            self.timer.record(time.monotonic() - began)
-
     def _decode(self, block: torch.Tensor, cache: DecoderCache) -> np.ndarray:
         """Frames ``(n, H, W, 3)`` uint8 of the next latent block; the start frame is dropped as live."""
         first = not cache.started
+        self.pacer("decode")
         with torch.inference_mode():
             video = self.vae.decode_chunk(block, cache)
         if first:
             video = video[:, :, 1:]
         return self.vae.to_uint8(video)[0]
+
+
+def _sync_device() -> None:
+    """Wait for this process's queued GPU work, so that a unit's time is the device's, not its launch's."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _video_frames(path: Path) -> int:

@@ -114,6 +114,18 @@ def refiner_transformer(name: str, seed: int = 0, device: str | torch.device = "
     return model.to(device)
 
 
+def random_on_device(meta_model: SanaWMLTX2RefinerTransformer3DModel, seed: int, dtype: torch.dtype,
+                     device: str | torch.device) -> SanaWMLTX2RefinerTransformer3DModel:
+    """``meta_model``'s video stream with every weight drawn from N(0, 0.02) on ``device`` in ``dtype``: the
+    release-size model starts in seconds (built on the CPU in fp32 it takes 75 GB and minutes)."""
+    model = nn.Module.to(video_only(meta_model), dtype).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02, generator=generator)
+    return model
+
+
 def refiner_state_bytes(
     config: Mapping[str, Any],
     latent_hw: tuple[int, int],
@@ -160,10 +172,14 @@ class Refiner:
         cls, name: str, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
     ) -> Refiner:
         """A randomly initialised refiner of preset ``name``; the prompt path is a ``HashTextEncoder`` (no Gemma-3,
-        no connectors) of the preset's ``caption_channels``."""
-        transformer = refiner_transformer(name, seed, device)
-        # nn.Module.to, not ModelMixin.to: the latter warns about float32-pinned modules this DiT has none of.
-        nn.Module.to(transformer, dtype=dtype)
+        no connectors) of the preset's ``caption_channels``. On the CPU the weights are the model's own
+        initialisation from ``seed``; on another device they are drawn there (:func:`random_on_device`)."""
+        if torch.device(device).type == "cpu":
+            transformer = refiner_transformer(name, seed, device)
+            # nn.Module.to, not ModelMixin.to: the latter warns about float32-pinned modules this DiT has none of.
+            nn.Module.to(transformer, dtype=dtype)
+        else:
+            transformer = random_on_device(refiner_transformer(name, device="meta"), seed, dtype, device)
         channels = transformer.config.caption_channels
         return cls(transformer, HashTextEncoder(channels, TINY_PROMPT_TOKENS, seed=seed, device=device, dtype=dtype))
 
@@ -208,6 +224,7 @@ class Refiner:
         progress: Callable[[int, int], None] | None = None,
         start_frame: int = 0,
         refined_prefix: torch.Tensor | None = None,
+        pace: Callable[[], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Refine normalised Stage-1 latents ``(1, C, T, h, w)``, yielding blocks ``(1, C, t, h, w)`` in order: frame 0
         as is, then blocks of up to 3 refined frames, in the input's dtype. ``progress(done, T)`` follows each block.
@@ -219,6 +236,9 @@ class Refiner:
 
         Resume an interrupted run with ``start_frame=k`` (a ``done`` value its ``progress`` reported) and
         ``refined_prefix``: the first k frames it yielded. The blocks from k on equal the uninterrupted run's.
+
+        ``pace()``, when given, is called before every DiT forward (four per block: three denoising steps and the
+        history capture), so that a caller sharing the device can wait for a gap before each one.
         """
         total = self._check_latents(latents)
         schedule = _check_schedule(prompt)
@@ -230,7 +250,7 @@ class Refiner:
             return
         z = latents.to(self.device, self.dtype)
         contexts = self._encode_schedule(schedule, total)  # each prompt the video uses, encoded once
-        window = _Window(self, z.shape[-2:], contexts[_prompt_at(schedule, 0)])
+        window = _Window(self, z.shape[-2:], contexts[_prompt_at(schedule, 0)], pace)
         window.capture_sink(z[:, :, :1])
         noise = torch.Generator().manual_seed(seed)
         for start in range(1, total, self.recipe.block_frames):
@@ -315,10 +335,12 @@ class _Window:
     """The attention window of one refinement: the DiT's per-layer KV cache (``kv_cache.get(i)``: sink K/V pre-RoPE
     and history K/V post-RoPE, each ``(1, frames * tokens_per_frame, heads * head_dim)``) and ``history_frames``,
     the number of refined frames the history holds (at most ``recipe.history_frames``). ``context`` is the prompt
-    (features, mask) of the forwards to come; the driver sets it before each block."""
+    (features, mask) of the forwards to come; the driver sets it before each block. ``pace`` runs before each forward."""
 
-    def __init__(self, refiner: Refiner, latent_hw: tuple[int, int], context: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, refiner: Refiner, latent_hw: tuple[int, int], context: tuple[torch.Tensor, torch.Tensor],
+                 pace: Callable[[], None] | None = None) -> None:
         self.model = refiner.transformer
+        self.pace = pace
         self.recipe = refiner.recipe
         self.height, self.width = int(latent_hw[0]), int(latent_hw[1])
         self.context = context
@@ -378,6 +400,8 @@ class _Window:
 
     def _forward(self, x: torch.Tensor, start: int, sigma: float, mode: str) -> torch.Tensor:
         """The DiT's velocity for the block ``x`` ``(1, C, t, h, w)`` at noise level ``sigma``."""
+        if self.pace is not None:
+            self.pace()
         _, channels, frames, height, width = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(1, frames * height * width, channels)  # (1, t*h*w, C)
         # One timestep for all tokens (broadcast over them): the same embedding as a per-token one, computed once.

@@ -21,12 +21,16 @@ CHUNK_FRAMES = 24  # video frames per chunk (chunk 0: 4 latents incl. the start 
 
 
 def identity_refine(latents: torch.Tensor, prompt, *, seed: int = 0, start_frame: int = 0,
-                    refined_prefix: torch.Tensor | None = None, progress=None, delay: float = 0.0) -> Iterator[torch.Tensor]:
-    """A stand-in refiner: yields the latents unchanged in blocks (frames 0-3, then threes) from ``start_frame``."""
+                    refined_prefix: torch.Tensor | None = None, progress=None, delay: float = 0.0,
+                    pace=None) -> Iterator[torch.Tensor]:
+    """A stand-in refiner: yields the latents unchanged in blocks (frames 0-3, then threes) from ``start_frame``,
+    calling ``pace()`` once before each block after the first (standing in for its forwards)."""
     assert refined_prefix is None or refined_prefix.shape[2] == start_frame
     frame = start_frame
     while frame < latents.shape[2]:
         end = 4 if frame == 0 else frame + 3
+        if pace is not None and frame > 0:
+            pace()
         time.sleep(delay)
         yield latents[:, :, frame:end].clone()
         frame = min(end, latents.shape[2])

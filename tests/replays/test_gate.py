@@ -1,7 +1,7 @@
-"""Live sessions first: the engine loop's published next-step time gates the refine worker's blocks.
+"""Live sessions first: the engine loop's published next-step time gates the refine worker's forwards and decodes.
 
 A fake wall clock drives both sides: the publisher writes the next live step's start, the worker's gate
-returns only when a block of its estimated length fits before it, and otherwise sleeps past it."""
+returns only when a unit of work of its estimated length fits before it, and otherwise sleeps past it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from stream_server.gate import GATE_NAME, BlockTimer, DeviceGate, GatePublisher
+from stream_server.gate import GATE_NAME, DeviceGate, GatePublisher, Pacer, UnitTimer
 from stream_server.jobs import JobQueue
 from stream_server.recording import RecordingStore
 from stream_server.refining import RefineWorker
@@ -65,35 +66,68 @@ def test_no_server_or_no_live_session_means_go(tmp_path):
     DeviceGate(tmp_path, wall=wall, sleep=never).wait_turn(5.0)
 
 
-def test_block_timer_is_cautious():
-    timer = BlockTimer(prior_seconds=0.5)
+def test_unit_timer_is_cautious():
+    timer = UnitTimer(prior_seconds=0.5)
     assert timer.estimate() == pytest.approx(0.625)
     timer.record(2.0)
     assert timer.estimate() == pytest.approx(2.5)
 
 
-def test_the_worker_computes_each_block_only_after_its_turn(tmp_path):
-    write_recording(tmp_path, "session-0123456789", "tok", chunks=3)  # blocks of frames 0-3, 4-6, 7-9
+def test_the_pacer_times_each_kind_of_unit_after_the_device_finished_it():
+    clock, synced, asked = Clock(0.0), [], []
+
+    class Gate:
+        def wait_turn(self, estimate):
+            asked.append(estimate)
+
+    pacer = Pacer(Gate(), sync=lambda: synced.append(clock.t), clock=clock)
+    pacer("forward")  # nothing ran before: prior estimates
+    clock.t += 0.2
+    pacer("forward")  # the first forward took 0.2 s
+    clock.t += 0.2
+    pacer("decode")
+    clock.t += 0.05
+    pacer("forward")  # the decode took 0.05 s; forwards are still estimated from forwards
+    pacer.finish()
+    assert synced == [0.0, 0.2, 0.4, 0.45]  # the device was waited for before every unit was timed
+    assert asked == [pytest.approx(0.625), pytest.approx(0.25), pytest.approx(0.625), pytest.approx(0.25)]
+    assert pacer.timers["decode"].estimate() == pytest.approx(0.0625)
+
+
+def test_the_worker_waits_for_a_turn_before_each_forward_and_decode(tmp_path):
+    """The real tiny refiner: four forwards per block (three denoising steps and the capture) and one decode."""
+    write_recording(tmp_path, "session-0123456789", "tok", chunks=3)  # blocks of frames 0, 1-3, 4-6, 7-9
+    from world_model.refiner import Refiner
+    from world_model.vae import VideoVAE
+
     events = []
 
     class Gate:
         def wait_turn(self, estimate):
-            events.append(("turn", estimate))
+            events.append(estimate)
 
-    def refine(latents, prompt, **kw):
-        for block in identity_refine(latents, prompt, **kw):
-            events.append(("block", block.shape[2]))
-            yield block
-
-    from world_model.vae import VideoVAE
-
-    worker = RefineWorker(RecordingStore(tmp_path), JobQueue(tmp_path), refine, VideoVAE.from_preset("tiny", seed=0),
-                          model="tiny", gate=Gate())
+    refiner = Refiner.from_preset("tiny", 0, torch.float32, "cpu")
+    vae = VideoVAE.from_preset("tiny", seed=0)
+    worker = RefineWorker(RecordingStore(tmp_path), JobQueue(tmp_path), refiner.refine_blocks, vae, model="tiny", gate=Gate())
+    kinds = []
+    worker.pacer = _Recorder(worker.pacer, kinds)
     assert worker.run() == 1
-    kinds = [kind for kind, _ in events]
-    assert kinds == ["turn", "block", "turn", "block", "turn", "block", "turn"]  # a turn before each block (and the end)
-    assert events[0][1] == pytest.approx(0.625) and events[2][1] != events[0][1]  # the estimate learns the block time
+    # frame 0 as is (decode only), the sink capture, then per block 4 forwards and a decode
+    assert kinds == ["decode", "forward"] + ["forward"] * 4 + ["decode"] + (["forward"] * 4 + ["decode"]) * 2
+    assert len(events) == len(kinds) and events[0] == pytest.approx(0.625) and events[-1] != pytest.approx(0.625)
     assert count_frames(tmp_path / "sessions" / "session-0123456789" / "refined.mp4") == 3 * CHUNK_FRAMES
+
+
+class _Recorder:
+    def __init__(self, pacer, kinds):
+        self.pacer, self.kinds = pacer, kinds
+
+    def __call__(self, kind="forward"):
+        self.kinds.append(kind)
+        self.pacer(kind)
+
+    def finish(self):
+        self.pacer.finish()
 
 
 def test_a_busy_server_holds_the_worker_back(tmp_path):
