@@ -5,8 +5,9 @@
 #   variants  eager bf16 and FP8 at 1/4/8 sessions, each compared with the first's frames and latents
 #   compile   the same compiled (the engine warms up every chunk kind first: minutes)
 #   profile   one step of 4 sessions by model part and kernel family
-#   refiner   the release-size refiner on a 60 s recording (time, peak memory), eager and compiled
-#   live      4 live sessions for 60 s, then 4 more while the refiner works (benchmarks/live_with_refiner.sh)
+#   refiner   the release-size refiner on a 60 s recording (time, peak memory), eager; refiner-compile: compiled
+#   live      LIVE_SESSIONS (1) live sessions for LIVE_SECONDS (45), then as many more while the refiner works
+#             on the first ones' recordings (benchmarks/live_with_refiner.sh)
 #
 #   benchmarks/gpu_session.sh parity variants profile          # about 8 minutes on a fresh H100
 # Needs diffusers (and nvidia-modelopt for FP8) importable, e.g. from wheels installed to /tmp/site.
@@ -30,9 +31,10 @@ for step in "$@"; do
     compile) run compile 420 $V compile
              run fp8-compile 420 $V fp8_compile ;;
     profile) run profile 120 python3 benchmarks/profile_engine.py --sessions 4 ;;
-    refiner) run refiner 240 python3 benchmarks/refiner_gpu.py --seconds 60 --decode
-             run refiner-compile 420 python3 benchmarks/refiner_gpu.py --seconds 60 --compile ;;
-    live) run live 500 env PYTHON=python3 benchmarks/live_with_refiner.sh sana-wm-streaming cuda 4 60 ;;
-    *) echo "unknown step $step (parity variants compile profile refiner live)" >&2; exit 2 ;;
+    refiner) run refiner 240 python3 benchmarks/refiner_gpu.py --seconds 60 --decode ;;
+    refiner-compile) run refiner-compile 420 python3 benchmarks/refiner_gpu.py --seconds 60 --compile ;;
+    live) run live 420 env PYTHON=python3 benchmarks/live_with_refiner.sh sana-wm-streaming cuda "${LIVE_SESSIONS:-1}" "${LIVE_SECONDS:-45}"
+          cp /tmp/live-refiner-*/serve.log "$OUT/live-serve.log" 2>/dev/null ;;
+    *) echo "unknown step $step (parity variants compile profile refiner refiner-compile live)" >&2; exit 2 ;;
   esac
 done

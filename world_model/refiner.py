@@ -119,6 +119,8 @@ def random_on_device(meta_model: SanaWMLTX2RefinerTransformer3DModel, seed: int,
     """``meta_model``'s video stream with every weight drawn from N(0, 0.02) on ``device`` in ``dtype``: the
     release-size model starts in seconds (built on the CPU in fp32 it takes 75 GB and minutes)."""
     model = nn.Module.to(video_only(meta_model), dtype).to_empty(device=device)
+    if torch.device(device).type == "meta":
+        return model
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():

@@ -44,6 +44,18 @@ def test_ltx2_preset_is_the_release_geometry():
     assert sum(p.numel() for p in video.transformer.parameters()) == LTX2_VIDEO_PARAMETERS
 
 
+def test_weights_drawn_on_a_device_are_seeded_and_video_only():
+    from world_model.refiner import random_on_device
+
+    draw = lambda seed: random_on_device(refiner_transformer("tiny", device="meta"), seed, torch.bfloat16, "cpu")
+    a, b, c = draw(0), draw(0), draw(1)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+    weights = torch.cat([p.float().flatten() for p in a.parameters()])
+    assert weights.dtype == torch.float32 and abs(weights.std().item() - 0.02) < 2e-3 and torch.isfinite(weights).all()
+    assert sum(p.numel() for p in a.parameters()) < sum(p.numel() for p in refiner_transformer("tiny", device="meta").parameters())
+
+
 def test_release_state_bytes_match_the_reference():
     size = refiner_state_bytes(refiner_transformer("ltx2", device="meta").config, (22, 40), torch.bfloat16)
     assert size == LTX2_STATE_BYTES_22x40_BF16
