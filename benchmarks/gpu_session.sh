@@ -31,9 +31,9 @@ for step in "$@"; do
     compile) run compile 420 $V compile
              run fp8-compile 420 $V fp8_compile ;;
     profile) run profile 120 python3 benchmarks/profile_engine.py --sessions 4 ;;
-    refiner) run refiner 240 python3 benchmarks/refiner_gpu.py --seconds 60 --decode ;;
+    refiner) run refiner 150 python3 benchmarks/refiner_gpu.py --seconds 60 --decode ;;
     refiner-compile) run refiner-compile 420 python3 benchmarks/refiner_gpu.py --seconds 60 --compile ;;
-    live) run live 420 env PYTHON=python3 benchmarks/live_with_refiner.sh sana-wm-streaming cuda "${LIVE_SESSIONS:-1}" "${LIVE_SECONDS:-45}"
+    live) run live 300 env PYTHON=python3 benchmarks/live_with_refiner.sh sana-wm-streaming cuda "${LIVE_SESSIONS:-1}" "${LIVE_SECONDS:-45}"
           cp /tmp/live-refiner-*/serve.log "$OUT/live-serve.log" 2>/dev/null ;;
     *) echo "unknown step $step (parity variants compile profile refiner refiner-compile live)" >&2; exit 2 ;;
   esac

@@ -51,7 +51,8 @@ class Fp8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x8 = _to_fp8(x, self.input_scale).reshape(-1, self.in_features)
+        # cuBLASLt's FP8 GEMM takes a row-major x only; a token view (e.g. a permuted camera input) is copied once
+        x8 = _to_fp8(x, self.input_scale).reshape(-1, self.in_features).contiguous()
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         bias = None if self.bias is None else self.bias.to(out_dtype)
         out = torch._scaled_mm(x8, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale, bias=bias, out_dtype=out_dtype)

@@ -79,3 +79,18 @@ def test_missing_modelopt_is_one_clear_error(monkeypatch):
     model = SanaWMTransformer(build_engine("tiny", random_weights=True).model.config)
     with pytest.raises(ImportError, match="pip install 'sana-wm-stream\\[fp8\\]'"):
         quantize_fp8(model, lambda m: None)
+
+
+def test_fp8_linear_hands_the_gemm_a_row_major_input(monkeypatch):
+    """cuBLASLt's FP8 GEMM refuses a column-major x: a transposed token view must reach it copied (seen on an H200)."""
+    linear = torch.nn.Linear(32, 16).to(torch.bfloat16)
+    fp8 = Fp8Linear(linear, linear.weight.abs().max().float(), torch.tensor(3.0))
+    x = torch.randn(1, 32, 48).to(torch.bfloat16).transpose(1, 2)  # (1, 48, 32), a (1, C, N) tensor seen as tokens
+    scaled_mm = torch._scaled_mm
+
+    def checked(a, b, **kw):
+        assert a.is_contiguous()
+        return scaled_mm(a, b, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    torch.testing.assert_close(fp8(x), fp8(x.contiguous()), rtol=0, atol=0)
