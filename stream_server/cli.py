@@ -44,7 +44,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="default: fp32 on CPU, bf16 on CUDA; fp8: bf16 with FP8 block linears (modelopt)")
     parser.add_argument("--chunk-frames", type=int, default=3, choices=[1, 2, 3], help="latent frames per chunk")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; slow first chunks)")
-    parser.add_argument("--compile-vae", action="store_true", help="torch.compile the streaming VAE decode (GPU; compiles at start)")
 
 
 def engine_from_args(args: argparse.Namespace):
@@ -56,8 +55,7 @@ def engine_from_args(args: argparse.Namespace):
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     try:
         return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder,
-                            chunk_frames=args.chunk_frames, compile=args.compile, compile_vae=args.compile_vae,
-                            random_weights=args.random_weights)
+                            chunk_frames=args.chunk_frames, compile=args.compile, random_weights=args.random_weights)
     except (CheckpointError, EngineError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
     except RuntimeError as exc:  # e.g. a CUDA device that is not there

@@ -77,8 +77,7 @@ class EngineConfig:
     fov_deg: float = 60.0  # horizontal field of view of the intrinsics handed to the model
     seed: int = 0  # random-weight initialisation (presets without a checkpoint)
     rebase_after: int | None = None  # re-base RoPE time once a session reaches this latent frame
-    compile: bool = False  # torch.compile each DiT block (GPU)
-    compile_vae: bool = False  # torch.compile the streaming VAE decode (VideoVAE.compile_decoder; GPU)
+    compile: bool = False  # torch.compile each DiT block (GPU; the VAE decoder is never compiled)
     tf32: bool = True  # on CUDA, fp32 matmuls (the GDN state updates) on TF32 tensor cores
 
 
@@ -245,9 +244,8 @@ class StreamingEngine:
     def warm_up(self, batches: Sequence[int] = (1, 2)) -> None:
         """Run throwaway sessions through every chunk kind (first, second, later) at each batch size given.
 
-        With compiled DiT blocks or VAE decode this is where compiling happens: one session gets its own graphs and
-        a batch of two makes the batch dimension dynamic, so no later batch size or chunk stalls a live session on
-        compiling.
+        With compiled blocks this is where compiling happens: one session gets its own graphs and a batch of two
+        makes the batch dimension dynamic, so no later batch size or chunk stalls a live session on compiling.
         """
         for batch in batches:
             sessions = [self.open_session(prompt="warm-up", seed=i) for i in range(batch)]
@@ -463,15 +461,11 @@ def build_engine(model: str = "demo", checkpoint: str | None = None, device: str
     engine = StreamingEngine(transformer, vae, text, config)
     if dtype == "fp8":
         quantize_fp8(transformer, lambda model: calibration_run(engine, model))
-    if config.compile or config.compile_vae:
+    if config.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # shapes per chunk kind x batch
-        if config.compile:
-            for block in transformer.blocks:
-                block.compile()
-        if config.compile_vae:
-            vae.compile_decoder()
-        parts = " and ".join(p for p, on in (("the DiT blocks", config.compile), ("the VAE decode", config.compile_vae)) if on)
-        log.info("compiling %s for every chunk kind, one session and several (minutes)", parts)
+        for block in transformer.blocks:
+            block.compile()
+        log.info("compiling the DiT blocks for every chunk kind, one session and several (minutes)")
         engine.warm_up()
     return engine
 

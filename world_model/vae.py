@@ -2,40 +2,38 @@
 
 The network is diffusers' ``AutoencoderKLLTX2Video`` used as is (sana-wm.md D): 32x spatial and 8x
 temporal compression, pixel frames = 8k+1 for k+1 latent frames. The streaming release decodes it
-causally and chunk by chunk. ``decode`` is diffusers' own one-shot causal decode; ``decode_chunk`` runs
-``StreamingDecoder``, our forward over the same layers and weights, which differs from diffusers' in two
-places only:
+causally and chunk by chunk; this module adds that without copying the decoder's forward:
 
-* every causal conv takes its left temporal context from the ``DecoderCache`` (the last k_t - 1 input
+* every ``LTX2VideoCausalConv3d`` of the decoder gets a forward that, while a streaming session is
+  active, takes its left temporal context from the session's ``DecoderCache`` (the last k_t - 1 input
   frames of the previous chunk) instead of replicating the chunk's first frame;
-* every temporal depth-to-space upsampler drops its first (s_t - 1) output frames at the start of the
-  video only; later chunks keep all s_t frames of every input frame.
+* every temporal depth-to-space upsampler drops its first (s_t - 1) output frames, which is right for
+  the start of the video only. For later chunks it is fed one placeholder frame in front of the chunk
+  (its conv skips that frame and emits zeros for it) and the one surviving placeholder output frame
+  is dropped, so all s_t frames of every input frame come out.
 
-The cache goes into the forward and comes out of it as arguments (no hooks, no module state), so streaming
-equals one-shot decoding up to float rounding, sessions sharing one model may decode concurrently, and
-``VideoVAE.compile_decoder`` can ``torch.compile`` it (the release's decoder must not be compiled, sana-wm.md
-J.8: its feature cache is module state, which compilation corrupts; this one has none).
+Without an active session the diffusers forwards run unchanged, so ``decode`` is diffusers' own
+one-shot causal decode, and streaming equals it up to float rounding. The active session is held in
+a ``ContextVar``, so threads or tasks sharing one model may decode different sessions. The decoder
+must not be ``torch.compile``'d (sana-wm.md J.8).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLLTX2Video
-from diffusers.models.autoencoders.autoencoder_kl_ltx2 import (
-    LTX2VideoCausalConv3d,
-    LTX2VideoDecoder3d,
-    LTX2VideoResnetBlock3d,
-    LTX2VideoUpsampler3d,
-)
+from diffusers.models.autoencoders.autoencoder_kl_ltx2 import LTX2VideoCausalConv3d, LTX2VideoUpsampler3d
 from torch import nn
 
 from .checkpoint import CheckpointError, check_state_dict, read_json_object
@@ -188,29 +186,67 @@ class DecoderCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# The streaming decoder: diffusers' layers and weights, our forward, the cache in and out
+# Streaming forwards installed on the decoder's layers
 # ----------------------------------------------------------------------------------------------
 
+
+@dataclass
+class _Session:
+    """One ``decode_chunk`` call: the cache it reads, the frames it writes, and the upsampler convs
+    whose next input starts with a placeholder frame."""
+
+    cache: DecoderCache
+    written: dict[str, torch.Tensor] = field(default_factory=dict)
+    placeholders: set[str] = field(default_factory=set)
+
+    def history(self, name: str, first_frame: torch.Tensor, context: int) -> torch.Tensor:
+        """The ``context`` frames before this chunk's input to conv ``name``: the cached ones, or the
+        first frame repeated at the start of the video (diffusers' causal padding)."""
+        if not self.cache.started:
+            return first_frame.expand(-1, -1, context, -1, -1)
+        if name not in self.cache.frames:
+            raise ValueError(f"decoder cache has no frames for {name}: it belongs to another decoder")
+        return self.cache.frames[name]
+
+
+_ACTIVE: ContextVar[_Session | None] = ContextVar("sana_wm_vae_decoder_session", default=None)
+
+
+@contextmanager
+def _streaming(cache: DecoderCache) -> Iterator[_Session]:
+    session = _Session(cache)
+    token = _ACTIVE.set(session)
+    try:
+        yield session
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _conv_forward(
+    module: LTX2VideoCausalConv3d,
+    name: str,
+    diffusers_forward: Callable,
+    hidden_states: torch.Tensor,
+    causal: bool = True,
+) -> torch.Tensor:
+    """A causal conv whose left padding is the session's cached frames (diffusers' forward otherwise)."""
+    session = _ACTIVE.get()
+    if session is None:
+        return diffusers_forward(hidden_states, causal=causal)
+    skip = 1 if name in session.placeholders else 0
+    session.placeholders.discard(name)
+    frames = hidden_states[:, :, skip:]
+    context = module.kernel_size[0] - 1
+    conv = module.conv
+    padded, (ph, pw) = _padded_input(session.history(name, frames[:, :, :1], context), frames, conv)
+    session.written[name] = padded[:, :, -context:, ph : padded.shape[3] - ph, pw : padded.shape[4] - pw].clone()
+    out = F.conv3d(padded, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+    if skip:
+        out = torch.cat([out.new_zeros(*out.shape[:2], skip, *out.shape[3:]), out], dim=2)
+    return out
+
+
 STREAMING_PADDING = ("zeros", "reflect")  # the spatial padding modes _padded_input writes
-
-
-class _ChunkCaches:
-    """The causal-conv caches of one chunk's decode: ``history`` is read (``None`` at the start of the
-    video, where every conv repeats its first input frame instead: diffusers' causal padding) and
-    ``written`` collects each conv's last (k_t - 1) input frames, ``(B, C, k_t - 1, h, w)``, by name."""
-
-    def __init__(self, history: Mapping[str, torch.Tensor] | None) -> None:
-        self.history = history
-        self.written: dict[str, torch.Tensor] = {}
-
-    def conv(self, module: LTX2VideoCausalConv3d, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``module`` applied causally to ``x`` (B, C, T, h, w), its left context taken from the cache."""
-        conv, context = module.conv, module.kernel_size[0] - 1
-        past = x[:, :, :1].expand(-1, -1, context, -1, -1) if self.history is None else self.history[name]
-        padded, (ph, pw) = _padded_input(past, x, conv)  # (B, C, context + T, h + 2ph, w + 2pw)
-        if context:
-            self.written[name] = padded[:, :, -context:, ph : ph + x.shape[3], pw : pw + x.shape[4]].clone()
-        return F.conv3d(padded, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
 def _padded_input(history: torch.Tensor, frames: torch.Tensor, conv: nn.Conv3d) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -219,16 +255,8 @@ def _padded_input(history: torch.Tensor, frames: torch.Tensor, conv: nn.Conv3d) 
     Equals ``conv``'s own padding of the concatenation; on CUDA, torch's reflection_pad3d kernel ran at a few
     per cent of memory bandwidth (122 ms of a 4-session step on an H100) and the concatenation was another copy.
     Returns the buffer and the (rows, columns) padded on each side.
-
-    Under ``torch.compile`` it is ``F.pad`` of each part, concatenated (the same numbers): Inductor writes each
-    padded part straight into its slice of the buffer, from the kernel that makes the part, where the slice
-    writes here would each materialise a buffer of their own.
     """
     _, ph, pw = conv.padding
-    if torch.compiler.is_compiling():
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        pad = partial(F.pad, pad=(pw, pw, ph, ph, 0, 0), mode=mode)
-        return torch.cat([pad(history), pad(frames)], dim=2), (ph, pw)
     context, height, width = history.shape[2], frames.shape[3], frames.shape[4]
     layout = torch.channels_last_3d if frames.stride(1) == 1 < frames.shape[1] else torch.contiguous_format
     shape = (*frames.shape[:2], context + frames.shape[2], height + 2 * ph, width + 2 * pw)
@@ -249,107 +277,41 @@ def _padded_input(history: torch.Tensor, frames: torch.Tensor, conv: nn.Conv3d) 
     return out, (ph, pw)
 
 
-def _resnet(block: LTX2VideoResnetBlock3d, name: str, x: torch.Tensor, caches: _ChunkCaches) -> torch.Tensor:
-    """RMS norm -> SiLU -> causal conv, twice, plus the input (layer-normed and projected where the width
-    changes). Diffusers' block without the timestep and noise inputs (refused) and its dropout (p = 0)."""
-    h = caches.conv(block.conv1, f"{name}.conv1", F.silu(block.norm1(x), inplace=True))
-    h = caches.conv(block.conv2, f"{name}.conv2", F.silu(block.norm2(h), inplace=True))
-    if block.norm3 is not None:
-        x = block.norm3(x.movedim(1, -1)).movedim(-1, 1)  # LayerNorm over channels
-    if block.conv_shortcut is not None:
-        x = block.conv_shortcut(x)
-    return h + x
+def _upsampler_forward(
+    conv_name: str, diffusers_forward: Callable, hidden_states: torch.Tensor, causal: bool = True
+) -> torch.Tensor:
+    """A temporal depth-to-space upsampler that keeps all output frames after the first chunk.
 
-
-def _depth_to_space(x: torch.Tensor, stride: tuple[int, int, int]) -> torch.Tensor:
-    """(B, C * st * sh * sw, T, h, w) -> (B, C, T * st, h * sh, w * sw), channel-major as the weights are."""
-    st, sh, sw = stride
-    x = x.unflatten(1, (-1, st, sh, sw))  # (B, C, st, sh, sw, T, h, w)
-    return x.permute(0, 1, 5, 2, 6, 3, 7, 4).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-
-
-def _upsample(up: LTX2VideoUpsampler3d, name: str, x: torch.Tensor, caches: _ChunkCaches) -> torch.Tensor:
-    """Depth-to-space of a causal conv of ``x``, plus ``x`` itself depth-to-spaced (channels repeated) where
-    residual. Each input frame becomes s_t frames; at the start of the video the s_t - 1 that would come before
-    frame 0 are dropped (diffusers' convention), later chunks keep them all."""
-    out = _depth_to_space(caches.conv(up.conv, f"{name}.conv", x), up.stride)  # (B, C', T * st, H, W)
-    if up.residual:
-        repeats = math.prod(up.stride) // up.upscale_factor
-        residual = _depth_to_space(x, up.stride)  # (B, C' / repeats, T * st, H, W)
-        out.unflatten(1, (repeats, -1)).add_(residual.unsqueeze(1))  # = out + residual.repeat(1, repeats, ...)
-    return out[:, :, up.stride[0] - 1 :] if caches.history is None else out
-
-
-class StreamingDecoder(nn.Module):
-    """Diffusers' causal LTX-2 decoder as a function of one chunk and the cache the previous chunk left:
-    ``(z, history) -> (video, new_history)``, where ``history`` maps every causal conv's module name to its last
-    (k_t - 1) input frames (``DecoderCache.frames``) and is ``None`` for the chunk that starts the video.
-
-    The forward is ours, over diffusers' own layers and weights (``decoder`` is the model's module, not a copy):
-    the same steps as diffusers' ``LTX2VideoDecoder3d.forward``, except that each causal conv takes its left
-    context from ``history`` and the temporal upsamplers keep all their frames after the first chunk. The state
-    goes in and comes out as arguments, so ``torch.compile`` traces it like any tensor function; ``start`` and
-    ``resume`` are the two entry points, compiled separately (each its own graph and shapes).
+    Diffusers drops the first (s_t - 1) of the s_t frames made from input frame 0, i.e. from the
+    start of the video. Later chunks get a placeholder frame in front (its conv output is zeros and
+    its cache is untouched); of its s_t output frames diffusers drops s_t - 1, and we drop the last one.
     """
-
-    def __init__(self, decoder: LTX2VideoDecoder3d, prefix: str = "decoder.") -> None:
-        super().__init__()
-        if decoder.time_embedder is not None:
-            raise ValueError("timestep-conditioned VAE decoders are not supported (streaming decodes without a timestep)")
-        cached = set()
-        for name, module in decoder.named_modules():
-            full = prefix + name
-            if isinstance(module, LTX2VideoCausalConv3d):
-                conv = module.conv
-                if conv.stride[0] != 1 or conv.dilation[0] != 1:
-                    raise ValueError(f"{full}: streaming needs temporal stride and dilation 1")
-                if conv.padding_mode not in STREAMING_PADDING or conv.padding[0] != 0:
-                    raise ValueError(f"{full}: streaming supports spatial padding {STREAMING_PADDING}, no temporal "
-                                     f"padding; got {conv.padding_mode} {conv.padding}")
-                if module.kernel_size[0] > 1:
-                    cached.add(full)
-            elif isinstance(module, LTX2VideoResnetBlock3d):
-                if module.scale_shift_table is not None or module.per_channel_scale1 is not None:
-                    raise ValueError(f"{full}: timestep-conditioned or noise-injecting blocks are not supported")
-        self.decoder, self.prefix = decoder, prefix
-        self.cached_convs = frozenset(cached)  # the names every decode writes
-
-    def forward(
-        self, z: torch.Tensor, history: Mapping[str, torch.Tensor] | None
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Latents ``(B, C, T, h, w)`` (denormalised, the decoder's dtype) -> video ``(B, 3, F, 32h, 32w)``, not
-        clamped, with F = 1 + 8(T - 1) at the start of the video and 8T afterwards; and the new history."""
-        d, caches, p = self.decoder, _ChunkCaches(history), self.prefix
-        x = caches.conv(d.conv_in, f"{p}conv_in", z)
-        for i, resnet in enumerate(d.mid_block.resnets):
-            x = _resnet(resnet, f"{p}mid_block.resnets.{i}", x, caches)
-        for i, block in enumerate(d.up_blocks):
-            name = f"{p}up_blocks.{i}"
-            if block.conv_in is not None:
-                x = _resnet(block.conv_in, f"{name}.conv_in", x, caches)
-            for j, upsampler in enumerate(block.upsamplers or ()):
-                x = _upsample(upsampler, f"{name}.upsamplers.{j}", x, caches)
-            for j, resnet in enumerate(block.resnets):
-                x = _resnet(resnet, f"{name}.resnets.{j}", x, caches)
-        x = caches.conv(d.conv_out, f"{p}conv_out", F.silu(d.norm_out(x), inplace=True))
-        return _unpatchify(x, d.patch_size, d.patch_size_t), caches.written
-
-    def start(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The chunk that starts the video (its first latent frame is frame 0)."""
-        return self(z, None)
-
-    def resume(
-        self, z: torch.Tensor, history: Mapping[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """A later chunk, continuing from the history the previous chunk returned."""
-        return self(z, history)
+    session = _ACTIVE.get()
+    if session is None or not session.cache.started:
+        return diffusers_forward(hidden_states, causal=causal)
+    session.placeholders.add(conv_name)
+    widened = torch.cat([hidden_states[:, :, :1], hidden_states], dim=2)
+    return diffusers_forward(widened, causal=causal)[:, :, 1:]
 
 
-def _unpatchify(x: torch.Tensor, p: int, p_t: int) -> torch.Tensor:
-    """(B, C * p_t * p * p, T, H, W) -> (B, C, T * p_t, H * p, W * p), in the weights' order (width's sub-pixel
-    outer, height's inner)."""
-    x = x.unflatten(1, (-1, p_t, p, p))  # (B, C, p_t, p_w, p_h, T, H, W)
-    return x.permute(0, 1, 5, 2, 6, 4, 7, 3).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+def _install_streaming(decoder: nn.Module, prefix: str = "decoder.") -> frozenset[str]:
+    """Give the decoder's causal convs and temporal upsamplers their streaming forwards (instance
+    attributes: the state dict is unchanged). Returns the names of the convs that keep a cache."""
+    cached = set()
+    for name, module in decoder.named_modules():
+        full = prefix + name
+        if isinstance(module, LTX2VideoCausalConv3d):
+            if module.conv.stride[0] != 1 or module.conv.dilation[0] != 1:
+                raise ValueError(f"{full}: streaming needs temporal stride and dilation 1")
+            if module.conv.padding_mode not in STREAMING_PADDING or module.conv.padding[0] != 0:
+                raise ValueError(f"{full}: streaming supports spatial padding {STREAMING_PADDING}, no temporal padding; "
+                                 f"got {module.conv.padding_mode} {module.conv.padding}")
+            if module.kernel_size[0] > 1:
+                module.forward = partial(_conv_forward, module, full, module.forward)
+                cached.add(full)
+        elif isinstance(module, LTX2VideoUpsampler3d) and module.stride[0] > 1:
+            module.forward = partial(_upsampler_forward, full + ".conv", module.forward)
+    return frozenset(cached)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,9 +395,7 @@ class VideoVAE:
         _check_supported(model.config)
         model.decoder.is_causal = True
         self.model = model.eval().requires_grad_(False)
-        self.streaming = StreamingDecoder(model.decoder)
-        self._cached_convs = self.streaming.cached_convs
-        self._start, self._resume = self.streaming.start, self.streaming.resume  # compile_decoder replaces them
+        self._cached_convs = _install_streaming(model.decoder)
         self.spatial_ratio, self.temporal_ratio = _decoder_ratios(model.decoder)
 
     @classmethod
@@ -548,21 +508,12 @@ class VideoVAE:
         outputs equal ``decode`` of the concatenated latents.
         """
         z = self._denormalise(self._checked(latents_chunk, cache))
-        video, written = self._resume(z, cache.frames) if cache.started else self._start(z)
-        if written.keys() != self._cached_convs:  # our forward must visit every causal conv of the decoder
+        with _streaming(cache) as session:
+            video = self.model.decoder(z, causal=True)
+        if session.written.keys() != self._cached_convs:  # every cached conv must have run once
             raise RuntimeError("streaming decode did not pass through every causal conv of the decoder")
-        cache.frames = written
+        cache.frames = session.written
         return video.clamp_(-1.0, 1.0)
-
-    def compile_decoder(self, **options: Any) -> None:
-        """``torch.compile`` the streaming decode (``decode_chunk``; ``decode`` stays eager), one whole graph
-        for the chunk that starts a video and one for later chunks; ``options`` go to ``torch.compile``.
-
-        Each graph compiles on its first call. A first batch of one session specialises on it; the next batch
-        size makes the batch dynamic, after which no batch size recompiles (``StreamingEngine.warm_up``).
-        """
-        self._start = torch.compile(self.streaming.start, fullgraph=True, **options)
-        self._resume = torch.compile(self.streaming.resume, fullgraph=True, **options)
 
     def _checked(self, latents: torch.Tensor, cache: DecoderCache | None = None) -> torch.Tensor:
         if latents.dim() != 5 or latents.shape[1] != self.latent_channels or latents.shape[2] < 1:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from world_model.controls import CameraRig
 from world_model.engine import build_engine, prepare_image
 from world_model.engine_api import ChunkRequest, EngineError
-from world_model.vae import VideoVAE
 
 SCRIPTS = (["w"], ["d", "w"], ["i"])
 
@@ -227,20 +225,6 @@ def test_warm_up_runs_every_chunk_kind_and_leaves_nothing_behind():
     eng.warm_up((1, 2))
     assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
     assert eng.sessions() == [] and not eng._pending
-
-
-def test_compiled_vae_decode_gives_the_eager_frames_and_compiles_only_in_warm_up(monkeypatch):
-    """``compile_vae=True`` compiles the streaming decode during the engine's warm-up; afterwards a batch of three
-    sessions runs without compiling. Traced without Inductor here (``aot_eager``: the same aten ops, so the frames
-    are bit-exact and the test is quick); tests/model/test_vae.py compiles it with Inductor."""
-    compile_decoder = VideoVAE.compile_decoder
-    monkeypatch.setattr(VideoVAE, "compile_decoder", lambda vae: compile_decoder(vae, backend="aot_eager"))
-    compiled, eager = build_engine("tiny", compile_vae=True), build_engine("tiny")
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        frames = _run(compiled, [Driver(compiled, keys, seed=i) for i, keys in enumerate(SCRIPTS)], 3)
-    expected = _run(eager, [Driver(eager, keys, seed=i) for i, keys in enumerate(SCRIPTS)], 3)
-    for a, b in zip(frames, expected):
-        assert np.array_equal(a, b)
 
 
 def test_a_failed_state_write_stops_only_its_sessions():

@@ -15,7 +15,7 @@ from safetensors.torch import load, load_file, save, save_file
 
 from tests.conftest import rel_err
 from world_model.checkpoint import CheckpointError
-from world_model.vae import DecoderCache, StreamingDecoder, VideoVAE, _padded_input, vae_config
+from world_model.vae import DecoderCache, VideoVAE, _padded_input, vae_config
 
 # AutoencoderKLLTX2Video built from the "ltx2" preset (counted on the meta device).
 LTX2_PARAMETERS = 1_222_479_601
@@ -120,12 +120,9 @@ def test_streaming_decode_matches_one_shot_to_fp64_rounding():
     assert rel_err(streamed, tiny.decode(latents)) < 1e-12  # measured 5e-15
 
 
-@pytest.mark.parametrize("form", ["eager", "compiled"])
 @pytest.mark.parametrize("mode", ["reflect", "zeros"])
 @pytest.mark.parametrize("pad", [(1, 1), (2, 1), (1, 3)])
-def test_padded_input_is_the_convs_own_padding_of_the_concatenation(mode, pad, form, monkeypatch):
-    if form == "compiled":  # the form traced under torch.compile: F.pad of each part, concatenated
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+def test_padded_input_is_the_convs_own_padding_of_the_concatenation(mode, pad):
     conv = torch.nn.Conv3d(3, 4, (3, 2 * pad[0] + 1, 2 * pad[1] + 1), padding=(0, *pad), padding_mode=mode)
     history, frames = torch.randn(2, 3, 2, 5, 7), torch.randn(2, 3, 4, 5, 7)
     joined = torch.cat([history, frames], dim=2)
@@ -133,12 +130,6 @@ def test_padded_input_is_the_convs_own_padding_of_the_concatenation(mode, pad, f
     padded, sides = _padded_input(history, frames, conv)
     assert sides == pad and torch.equal(padded, expected)
     assert torch.equal(torch.nn.functional.conv3d(padded, conv.weight, conv.bias), conv(joined))
-
-
-def test_streaming_decoder_refuses_layers_it_does_not_run():
-    config = {**vae_config("tiny"), "decoder_inject_noise": (False, True, False, False)}  # reversed: up block 1
-    with pytest.raises(ValueError, match=r"decoder\.up_blocks\.1\.resnets\.0: timestep-conditioned or noise-injecting"):
-        StreamingDecoder(AutoencoderKLLTX2Video(**config).decoder)
 
 
 def test_decoder_is_causal(vae):
@@ -219,60 +210,6 @@ def test_decode_chunk_refuses_a_cache_of_other_sessions(vae):
         vae.decode_chunk(torch.zeros(1, 16, 1, 4, 4), cache)
     with pytest.raises(ValueError, match=r"expected latents \(B, 16"):
         vae.decode(torch.zeros(1, 8, 1, 4, 8))
-
-
-# -- compiled streaming decode ---------------------------------------------------------------
-
-
-def _graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def test_compiled_streaming_decode_equals_eager_and_compiles_once_per_chunk_kind(vae):
-    """Inductor (C++ kernels on the CPU): the slowest test here, ~50 s of compiling on a 2-core machine (~10 s
-    once Inductor's on-disk cache holds the kernels)."""
-    compiled = VideoVAE.from_preset("tiny", seed=0)
-    compiled.compile_decoder()
-    latents = _latents(10, seed=14)
-    eager_cache, cache = vae.new_decoder_cache(), compiled.new_decoder_cache()
-    outs, graphs = [], [_graphs()]
-    for i, chunk in enumerate((slice(0, 4), slice(4, 7), slice(7, 10))):
-        with torch._dynamo.config.patch(error_on_recompile=i == 2):  # chunk 3 runs chunk 2's graph
-            outs.append((compiled.decode_chunk(latents[:, :, chunk], cache), vae.decode_chunk(latents[:, :, chunk], eager_cache)))
-        graphs.append(_graphs())
-    assert [n - m for m, n in zip(graphs, graphs[1:])] == [1, 1, 0]  # the first chunk's graph, the later chunks' one
-    assert [c.shape[2] for c, _ in outs] == [e.shape[2] for _, e in outs] == [25, 24, 24]
-    # Measured max |diff| 2.2e-6 (frames in [-1, 1]) and 9e-6 in the caches: Inductor fuses norm, SiLU and padding
-    # (fp32 reordering); the convolutions are the same aten calls.
-    for c, e in outs:
-        assert (c - e).abs().max() < 1e-5
-    assert cache.frames.keys() == eager_cache.frames.keys()
-    for name, tensor in cache.frames.items():
-        assert tensor.shape == eager_cache.frames[name].shape and tensor.stride() == eager_cache.frames[name].stride()
-        assert rel_err(tensor, eager_cache.frames[name]) < 1e-5, name
-
-
-def test_compiled_decode_needs_no_new_graph_after_batches_of_one_and_two(vae):
-    """What ``StreamingEngine.warm_up`` relies on: a batch of one, then of two (the batch becomes dynamic), and no
-    later batch size, nor an imported cache (other key order), compiles. Traced without Inductor (``aot_eager``:
-    the same aten ops), so bit-exact."""
-    compiled = VideoVAE.from_preset("tiny", seed=0)
-    compiled.compile_decoder(backend="aot_eager")
-    for batch in (1, 2, 3):
-        latents = _latents(10, seed=15, batch=batch)
-        caches = compiled.new_decoder_cache(), vae.new_decoder_cache()
-        before = _graphs()
-        with torch._dynamo.config.patch(error_on_recompile=batch == 3):
-            outs = [[v.decode_chunk(latents[:, :, chunk], c) for chunk in (slice(0, 4), slice(4, 7))] for v, c in zip((compiled, vae), caches)]
-        assert _graphs() - before == (0 if batch == 3 else 2)
-        for c, e in zip(*outs):
-            assert torch.equal(c, e)
-        assert all(torch.equal(t, caches[1].frames[n]) for n, t in caches[0].frames.items())
-    imported = DecoderCache.from_tensors(load(save(caches[0].tensors())))
-    assert list(imported.frames) != list(caches[0].frames)  # safetensors sorts the names
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        resumed = compiled.decode_chunk(latents[:, :, 7:], imported)
-    assert torch.equal(resumed, vae.decode_chunk(latents[:, :, 7:], caches[1]))
 
 
 # -- encoding and pixels ---------------------------------------------------------------------
