@@ -9,8 +9,8 @@ every block's decode); the pacer waits for the device to finish the previous uni
 :meth:`DeviceGate.wait_turn` with its estimate for the next unit, which runs only when it fits before
 ``idle_until``; otherwise the gate sleeps until the window has passed and reads again. Live steps therefore
 never wait for the refiner by more than a misestimated forward, and the refiner uses the gaps the live
-sessions leave (the scheduler's ``max_busy`` keeps such gaps), down to gaps of one forward. A gate file older than ``stale_seconds`` means no server is running: the
-worker goes ahead. Plain files, so it works across processes and across machines sharing a data dir.
+sessions leave (the scheduler's ``max_busy`` keeps such gaps), down to gaps of one forward. A gate file
+older than ``stale_seconds`` means no server is running: the worker goes ahead. Plain files, so it works across processes and across machines sharing a data dir.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class UnitTimer:
 class Pacer:
     """Worker side: call ``pacer(kind)`` before each unit of device work. It waits for the device to finish the
     previous unit (``sync``), records that unit's time (from its turn to now, so the host work after it counts
-    too) under its kind, then waits for a gap that the new unit's estimate fits in (no gate: no waiting)."""
+    too) under its kind, then waits for a gap that the new unit's estimate fits in. Without a gate it does nothing:
+    nothing to yield to, so no reason to stall the device queue."""
 
     def __init__(self, gate: DeviceGate | None, sync: Callable[[], None] = lambda: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -116,11 +117,11 @@ class Pacer:
         self._running: tuple[str, float] | None = None  # the unit that had the last turn, and when
 
     def __call__(self, kind: str = "forward") -> None:
+        if self.gate is None:
+            return
         self.sync()
         self.finish()
-        timer = self.timers.setdefault(kind, UnitTimer())
-        if self.gate is not None:
-            self.gate.wait_turn(timer.estimate())
+        self.gate.wait_turn(self.timers.setdefault(kind, UnitTimer()).estimate())
         self._running = (kind, self.clock())
 
     def finish(self) -> None:

@@ -24,8 +24,8 @@ and ``--yield-to-live``. The first puts it in the idle scheduling class (``SCHED
 with one CPU thread. The second makes it wait, before each refiner forward and each block's decode, for a
 gap in the live sessions' steps long enough for it (:mod:`stream_server.gate`: the engine loop publishes
 when its next live step starts), so on a shared device (CPU or GPU) the refiner only uses time the live
-sessions leave free, at the granularity of one DiT forward. ``--refiner-device`` (``serve``) or a ``refine`` process on
-another machine sharing the data dir keeps it off the live device altogether.
+sessions leave free, at the granularity of one DiT forward. ``--refiner-device`` (``serve``) or a ``refine``
+process on another machine sharing the data dir keeps it off the live device altogether.
 """
 
 from __future__ import annotations
@@ -238,7 +238,6 @@ class RefineWorker:
                 video.write(self._decode(block, cache))
                 done_frames += block.shape[2]
                 self.queue.heartbeat(job, self.lease_seconds, progress=done_frames / total)
-            self.pacer.finish()
             if done_frames != total:
                 raise RuntimeError(f"the refiner yielded {done_frames} latent frames of {total}")
             if video.frames != meta["frames"]:
@@ -247,11 +246,12 @@ class RefineWorker:
             if (on_disk := _video_frames(tmp)) != video.frames:  # what a reader will get, not what was sent
                 raise RuntimeError(f"the refined video reads back with {on_disk} of its {video.frames} frames")
         except BaseException:
-            self.pacer.finish()
             if video is not None:
                 video.abort()
             tmp.unlink(missing_ok=True)  # a partial file, never renamed; on a full disk its space is needed
             raise
+        finally:
+            self.pacer.finish()  # the last unit's time ends here, not at the next job's first turn
 
         def commit() -> None:
             os.replace(tmp, folder / REFINED)
