@@ -9,7 +9,7 @@ last are clean (teacher forcing: at inference the history is always clean). The 
 velocity ``v = eps - x0`` over the noisy frames only. The scenes carry no text, so every clip gets the
 same short prompt through the hash text encoder the demo engine uses.
 
-Latents are encoded once (``OUT/latents.pt``) and reused by resumed runs. On a GPU::
+Latents are encoded once (``--latents``, default ``OUT/latents.pt``) and reused by resumed runs and later phases. On a GPU::
 
     python -m world_model.training.train_dit --data shards/ --vae runs/demo/vae --out runs/dit --device cuda --minutes 28
     python -m world_model.training.train_dit --data shards/ --vae runs/demo/vae --out runs/dit --device cuda --minutes 28 --resume --export runs/demo
