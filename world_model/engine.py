@@ -139,10 +139,11 @@ class StreamingEngine:
         )
         self._sessions: dict[str, _Session] = {}
         self._pending: list[_PendingWrite] = []  # state writes of the last step, not run yet (settle)
-        # A model of the demo geometry (shipped, exported by training or random) knows the procedural renderer's
-        # worlds only: it starts from one of its scenes, rendered on the first session that brings no image.
+        # A model of the demo geometry (shipped, exported by training or random, over any demo VAE's latent width)
+        # knows the procedural renderer's worlds only: it starts from one of its scenes, rendered on the first
+        # session that brings no image.
         demo = preset("demo")
-        self._renderer_world = dataclasses.replace(model.config, camera_math=demo.camera_math) == demo
+        self._renderer_world = dataclasses.replace(model.config, camera_math=demo.camera_math, in_channels=demo.in_channels) == demo
         self._default_image: np.ndarray | None = None
 
     # ---- sessions -------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from world_model import load_transformer
 from world_model.config import preset
 from world_model.engine import build_engine
 from world_model.engine_api import ChunkRequest
-from world_model.training import train_dit, train_vae
+from world_model.start_scenes import DEFAULT_SCENE, render_scene
+from world_model.training import train_dit, train_vae, weights
 from world_model.training.common import CHECKPOINT_NAME, LOG_NAME, ClipPool, LoopConfig, read_log, parameter_bytes, train
 from world_model.transformer import SanaWMTransformer
 from world_model.vae import VideoVAE
@@ -81,7 +82,11 @@ def _vae_args(_vae: Path, out: Path, *extra: str) -> list[str]:
     return [*SMALL_CLIPS, "--frames", "17", "--window", "9", "--preset", "tiny", "--steps", "4", "--out", str(out), *extra]
 
 
-@pytest.mark.parametrize("script, args", [(train_vae, _vae_args), (train_dit, _dit_args)], ids=["vae", "dit"])
+def _rollout_args(vae: Path, out: Path, *extra: str) -> list[str]:
+    return _dit_args(vae, out, "--rollout-chunks", "1", "--p-rollout", "0.5", *extra)  # 49 frames: 7 latents, room for 1
+
+
+@pytest.mark.parametrize("script, args", [(train_vae, _vae_args), (train_dit, _dit_args), (train_dit, _rollout_args)], ids=["vae", "dit", "rollout"])
 def test_resume_is_bit_identical(tmp_path, tiny_vae_folder, script, args):
     script.main(args(tiny_vae_folder, tmp_path / "whole"))
     script.main(args(tiny_vae_folder, tmp_path / "slots", "--stop-at", "2"))
@@ -97,22 +102,30 @@ def test_resume_is_bit_identical(tmp_path, tiny_vae_folder, script, args):
 
 
 def test_demo_export_round_trip(tmp_path):
+    """The training default (the demo DiT over the wide demo VAE) exports a folder the engine runs, also split
+    into the shards a device call hands back."""
     train_vae.main(["--clips", "1", "--frames", "9", "--window", "9", "--batch", "1", "--steps", "1", "--out", str(tmp_path / "vae_run"), "--export", str(tmp_path / "vae")])
     package = tmp_path / "demo"
     train_dit.main(["--clips", "1", "--frames", "17", "--batch", "1", "--steps", "1", "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "dit_run"), "--export", str(package)])
 
     vae = VideoVAE.from_pretrained(package / "vae", dtype=torch.float32)
     stored = load_file(str(package / "vae" / train_vae.WEIGHTS_NAME))
-    assert stored["latents_std"].dtype == torch.bfloat16 and vae.latent_channels == 16
+    assert stored["latents_std"].dtype == torch.bfloat16 and vae.latent_channels == 64  # the demo-wide preset
     dit = load_transformer(package / "transformer")
-    assert dataclasses.replace(dit.config, camera_math="nvlabs") == preset("demo")
+    assert dataclasses.replace(dit.config, camera_math="nvlabs") == preset("demo", in_channels=64)  # follows the VAE
 
-    engine = build_engine(model="demo", checkpoint=str(package))
+    sharded = tmp_path / "sharded"
+    files = weights.rewrite_folder(package, sharded, max_bytes=15_000_000)
+    assert len(files) == 3 and max(f.stat().st_size for f in files) <= 15_000_000  # DiT in 2 shards, VAE in 1
+    engine = build_engine(model="demo", checkpoint=str(sharded))
     assert (engine.info.width, engine.info.height) == (256, 160)
+    assert np.array_equal(engine.default_image(), render_scene(DEFAULT_SCENE, 256, 160))  # a renderer-world model
     session = engine.open_session(prompt=train_dit.DEMO_PROMPT)
     poses = np.repeat(np.eye(4)[None], engine.info.chunk_pixel_frames, axis=0)
     (result,) = engine.step([ChunkRequest(session, poses)])
     assert result.frames.shape[1:] == (160, 256, 3) and result.frames.dtype == np.uint8
+    key = "blocks.0.attn.beta_proj.weight"
+    assert torch.equal(engine.model.state_dict()[key], load_file(str(package / "transformer" / train_dit.WEIGHTS_NAME))[key].float())
 
 
 def test_demo_preset_builds_and_fits_the_package_limit():

@@ -4,6 +4,10 @@ Resuming is exact because nothing random is carried between steps: step ``s`` dr
 noise from a generator seeded with ``(seed, s)`` (:func:`step_generator`), and the learning rate is a
 function of ``s``. A checkpoint therefore needs only the model, the optimizer and the step; a run cut into
 slots (``--minutes``, then ``--resume``) follows the same path as an uninterrupted one (bit for bit on CPU).
+
+A run's length fixes its learning-rate schedule. ``--steps 0`` lets the run plan it: at step ``plan_at``
+(inside the warm-up, whose learning rate does not depend on the length) it measures its step rate and sets
+the length to what the rest of its time budget holds; the checkpoint keeps the planned length for a resume.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -125,15 +130,22 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 class LoopConfig:
     """Optimisation and bookkeeping of a training run (the model's own settings live in each script)."""
 
-    steps: int = 20_000  # length of the whole run and of its learning-rate schedule
+    steps: int = 20_000  # length of the whole run and of its learning-rate schedule; 0: planned at step plan_at
     lr: float = 3e-4  # peak learning rate (AdamW)
     warmup: int = 500  # linear warm-up steps, then a cosine decay to lr_floor * lr at ``steps``
     lr_floor: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max global gradient norm
     minutes: float = 28.0  # wall-clock budget of this invocation (a lent GPU slot is 30 minutes)
+    end_by: float | None = None  # also stop by this wall-clock time (epoch seconds): the end of a lent device call
     checkpoint_every: int = 500  # steps between checkpoints (one is also written when the budget ends)
     seed: int = 0
+    plan_at: int = 30  # with steps = 0: the step at which the rate (measured from step plan_at // 3) plans the length
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or (self.steps == 0 and not 3 <= self.plan_at <= self.warmup):
+            raise ValueError(f"steps must be positive, or 0 with 3 <= plan_at <= warmup (the lr up to plan_at must not "
+                             f"depend on the length); got steps={self.steps}, plan_at={self.plan_at}, warmup={self.warmup}")
 
 
 def lr_at(step: int, config: LoopConfig) -> float:
@@ -153,17 +165,36 @@ def train(model: nn.Module, loss_fn: LossFn, config: LoopConfig, out: Path, *, r
 
     With ``resume`` it continues from ``out/checkpoint.pt``. A checkpoint is written every
     ``config.checkpoint_every`` steps and when the loop ends; every step is logged to ``out/log.csv``
-    (its ``seconds`` column is the wall clock since this invocation began, for throughput).
+    (its ``seconds`` column is the wall clock since this invocation began, for throughput). With
+    ``config.steps == 0`` the length is planned at step ``config.plan_at`` (the module docstring).
     """
     out.mkdir(parents=True, exist_ok=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay)
-    step = load_checkpoint(out / CHECKPOINT_NAME, model, optimizer) if resume else 0
-    end = min(config.steps, stop_at if stop_at is not None else config.steps)
+    step = 0
+    if resume:
+        step, saved = load_checkpoint(out / CHECKPOINT_NAME, model, optimizer)
+        if not config.steps and saved.get("steps"):
+            config = dataclasses.replace(config, steps=int(saved["steps"]))
+    if not config.steps and step > config.plan_at // 3:
+        raise ValueError(f"{out / CHECKPOINT_NAME} is at step {step} with no planned length; resume it with --steps")
     began = time.monotonic()
     deadline = began + 60.0 * config.minutes
+    if config.end_by is not None:
+        deadline = min(deadline, began + config.end_by - time.time())
+    mark = (step, began)  # (step, time) the rate of an unplanned run is measured from
+
+    def end() -> float:  # where this invocation stops: unbounded while the length is not planned yet
+        return min(config.steps or math.inf, math.inf if stop_at is None else stop_at)
+
     model.train()
     with CsvLog(out / LOG_NAME, keep_until=step) as csv_log:
-        while step < end and time.monotonic() < deadline:
+        while step < end() and time.monotonic() < deadline:
+            if not config.steps and step == config.plan_at // 3:
+                mark = (step, time.monotonic())  # the steps before are warm-up of the device, not the rate
+            if not config.steps and step == config.plan_at:
+                rate = (step - mark[0]) / (time.monotonic() - mark[1])
+                config = dataclasses.replace(config, steps=step + max(1, int(rate * (deadline - time.monotonic()))))
+                log.info("%.2f steps/s: planned %d steps", rate, config.steps)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -179,7 +210,7 @@ def train(model: nn.Module, loss_fn: LossFn, config: LoopConfig, out: Path, *, r
                 save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, step, config)
     save_checkpoint(out / CHECKPOINT_NAME, model, optimizer, step, config)
     model.eval()
-    log.info("stopped at step %d of %d", step, config.steps)
+    log.info("stopped at step %d of %s", step, config.steps or "a length not planned yet")
     return step
 
 
@@ -206,9 +237,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_lr: float) -> 
     parser.add_argument("--export", help="after training, write the inference weights to this folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=loop.steps, help="length of the whole run (and of the lr schedule)")
+    parser.add_argument("--steps", type=int, default=loop.steps,
+                        help="length of the whole run (and of the lr schedule); 0: what the time budget holds, planned at --plan-at")
+    parser.add_argument("--plan-at", type=int, default=loop.plan_at, help="with --steps 0: the step that measures the rate (<= --warmup)")
     parser.add_argument("--stop-at", type=int, help="end this invocation at this step (default: the end of the run)")
     parser.add_argument("--minutes", type=float, default=loop.minutes, help="wall-clock budget of this invocation")
+    parser.add_argument("--end-by", type=float, help="also stop the training by this time (epoch seconds, e.g. a device call's end)")
     parser.add_argument("--lr", type=float, default=default_lr)
     parser.add_argument("--warmup", type=int, default=loop.warmup)
     parser.add_argument("--weight-decay", type=float, default=loop.weight_decay)
@@ -224,8 +258,10 @@ def loop_config(args: argparse.Namespace) -> LoopConfig:
         warmup=args.warmup,
         weight_decay=args.weight_decay,
         minutes=args.minutes,
+        end_by=args.end_by,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
+        plan_at=args.plan_at,
     )
 
 
@@ -240,15 +276,15 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore ``model`` and ``optimizer`` from ``path``; returns the step it was written at."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Restore ``model`` and ``optimizer`` from ``path``; returns the step it was written at and its loop settings."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     log.info("resumed from %s at step %d", path, state["step"])
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("loop", {}))
 
 
 class CsvLog:

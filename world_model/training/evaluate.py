@@ -12,8 +12,11 @@ training seeds 0 .. N-1), steers it with one held key and measures the generated
   trajectory, next to the baseline that repeats the first frame.
 - **stability**: mean absolute difference between consecutive frames and the frame's spatial standard
   deviation over a long steered session (a frozen or blank picture shows as near zero).
+- **reconstruction** (``--vae``, no DiT): the motion shares and the PSNR of a VAE's own reconstruction of the
+  renderer's clips, the most the DiT can reach through that decoder.
 
-    python -m world_model.training.evaluate --checkpoint runs/demo [--seeds 5] [--json]
+    python -m world_model.training.evaluate --checkpoint runs/demo [--seeds 5] [--device cuda] [--json]
+    python -m world_model.training.evaluate --vae runs/demo/vae [--seeds 3]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from world_model.controls import intrinsics_for, trajectory
 from world_model.engine import StreamingEngine, build_engine
@@ -31,6 +35,7 @@ from world_model.engine_api import ChunkRequest
 from world_model.start_scenes import DEMO_PROMPT
 from world_model.training.metrics import phase_correlation
 from world_model.training.scenes import Scene
+from world_model.vae import VideoVAE
 
 HELD_OUT_SEED = 1_000_000  # training clips use seeds 0 .. clips-1
 TURNS = {"a": ("dx", 1.0), "d": ("dx", -1.0), "i": ("dy", 1.0), "k": ("dy", -1.0)}  # key -> axis, expected sign
@@ -90,13 +95,18 @@ class Report:
 def motion(engine: StreamingEngine, seeds: Sequence[int], chunks: int = 2, gaps: Sequence[int] = (1,)) -> tuple[dict, dict]:
     """For each gap and key, the share of frame pairs ``gap`` frames apart that move the right way, for the
     generated video and for the renderer's (the check of the check): ``({gap: {key: share}}, {gap: {key: share}})``."""
-    width, height = engine.info.width, engine.info.height
     frames = chunks * engine.info.chunk_pixel_frames + 1
+    make = lambda truth, script, seed: steer(engine, truth[0], script, chunks, seed)
+    return _motion_shares(make, seeds, frames, engine.info.width, engine.info.height, gaps)
+
+
+def _motion_shares(make, seeds: Sequence[int], frames: int, width: int, height: int, gaps: Sequence[int]) -> tuple[dict, dict]:
+    """:func:`motion` for videos ``make(truth, script, seed)`` made from each key's ground truth."""
     counts = {(gap, key): [0, 0, 0] for gap in gaps for key in [*TURNS, *MOVES]}  # right, right in truth, pairs
     for seed in seeds:
         for key in [*TURNS, *MOVES]:
             truth = ground_truth(seed, f"{key}-{frames}", frames, width, height)
-            video = steer(engine, truth[0], f"{key}-{frames}", chunks, seed)
+            video = make(truth, f"{key}-{frames}", seed)
             for gap in gaps:
                 if key in TURNS:
                     axis, sign = TURNS[key]
@@ -149,6 +159,28 @@ def stability(engine: StreamingEngine, seed: int, chunks: int) -> dict[str, floa
     }
 
 
+@torch.no_grad()
+def reconstruct(vae: VideoVAE, video: np.ndarray) -> np.ndarray:
+    """The VAE's causal encode and one-shot decode of a clip ``(F, H, W, 3)`` uint8 (F = 8k + 1), in uint8."""
+    pixels = torch.from_numpy(video).to(vae.device).permute(3, 0, 1, 2)[None].to(vae.dtype) / 127.5 - 1.0
+    z = vae.normalise(vae.model.encode(pixels, causal=True).latent_dist.mode())
+    return vae.to_uint8(vae.decode(z))[0]
+
+
+def reconstruction(vae: VideoVAE, seeds: Sequence[int], frames: int = 49, width: int = 256, height: int = 160) -> dict:
+    """Consecutive-frame motion shares of the VAE's reconstruction of each key's ground truth (and the
+    renderer's own), and the reconstruction's PSNR over those clips."""
+    psnrs = []
+
+    def make(truth: np.ndarray, script: str, seed: int) -> np.ndarray:
+        video = reconstruct(vae, truth)
+        psnrs.append(psnr(video, truth))
+        return video
+
+    generated, rendered = _motion_shares(make, seeds, frames, width, height, gaps=(1,))
+    return {"motion": generated[1], "motion_truth": rendered[1], "psnr": float(np.mean(psnrs))}
+
+
 def evaluate(engine: StreamingEngine, seeds: Sequence[int], chunks: int = 2, fidelity_chunks: int = 7, long_chunks: int = 0) -> Report:
     """Motion, fidelity (``fidelity_chunks`` chunks: 7 is 10.5 s) and, with ``long_chunks``, stability."""
     report = Report()
@@ -168,10 +200,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=2, help="chunks per steered clip")
     parser.add_argument("--fidelity-chunks", type=int, default=7, help="chunks of the PSNR run (7 = 10.5 s)")
     parser.add_argument("--long-chunks", type=int, default=0, help="chunks of the stability run (200 = 5 minutes)")
+    parser.add_argument("--vae", help="only a VAE folder's reconstruction of the ground truth (no DiT)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    engine = build_engine(model="demo", checkpoint=args.checkpoint)
-    report = evaluate(engine, range(HELD_OUT_SEED, HELD_OUT_SEED + args.seeds), args.chunks, args.fidelity_chunks, args.long_chunks)
+    seeds = range(HELD_OUT_SEED, HELD_OUT_SEED + args.seeds)
+    if args.vae:
+        vae = VideoVAE.from_pretrained(args.vae, dtype=torch.float32, device=args.device)
+        print(json.dumps(reconstruction(vae, seeds, args.chunks * 24 + 1), indent=1 if not args.json else None))
+        return
+    engine = build_engine(model="demo", checkpoint=args.checkpoint, device=args.device)
+    report = evaluate(engine, seeds, args.chunks, args.fidelity_chunks, args.long_chunks)
     print(json.dumps(asdict(report), indent=1 if not args.json else None))
 
 

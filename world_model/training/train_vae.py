@@ -122,7 +122,7 @@ def export_vae(vae: VideoVAE, folder: str | Path, dtype: torch.dtype = torch.bfl
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, default_lr=1e-3)
-    parser.add_argument("--preset", default="demo", help="VAE preset (world_model.vae.VAE_PRESETS)")
+    parser.add_argument("--preset", default="demo-wide", help="VAE preset (world_model.vae.VAE_PRESETS; the shipped model's is demo)")
     parser.add_argument("--window", type=int, default=VAELossConfig.window, help="pixel frames per sample (8k + 1)")
     parser.add_argument("--kl-weight", type=float, default=VAELossConfig.kl_weight)
     parser.add_argument("--edge-weight", type=float, default=VAELossConfig.edge_weight)
