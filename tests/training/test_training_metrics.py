@@ -1,4 +1,4 @@
-"""phase_correlation: sign convention and sub-pixel accuracy on known shifts."""
+"""Evaluation helpers: phase_correlation (sign convention, sub-pixel accuracy on known shifts) and the contact sheet."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def test_subpixel_shift():
 def test_mismatched_sizes_are_refused():
     with pytest.raises(ValueError, match="same size"):
         phase_correlation(np.zeros((8, 8)), np.zeros((8, 9)))
+
+
+def test_contact_sheet_tiles_the_frames_at_the_given_times():
+    from world_model.training.evaluate import contact_sheet
+
+    fps, frames = 4, 20  # 5 s; frame i is filled with the value i
+    video = np.broadcast_to(np.arange(frames, dtype=np.uint8)[:, None, None, None], (frames, 2, 3, 3)).copy()
+    sheet = contact_sheet(video, fps, seconds=(0, 1, 2.5, 99), columns=3)
+    assert sheet.shape == (2 * 2, 3 * 3, 3)
+    tiles = [sheet[r * 2, c * 3, 0] for r in range(2) for c in range(3)]
+    assert tiles == [0, 4, 10, frames - 1, 0, 0]  # 2.5 s -> frame 10; past the end -> the last frame; then padding

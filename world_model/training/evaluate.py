@@ -17,6 +17,7 @@ training seeds 0 .. N-1), steers it with one held key and measures the generated
 
     python -m world_model.training.evaluate --checkpoint runs/demo [--seeds 5] [--device cuda] [--json]
     python -m world_model.training.evaluate --vae runs/demo/vae [--seeds 3]
+    python -m world_model.training.evaluate --long-chunks 200 --sheet long.png   # + 5 minutes of steering
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from world_model.controls import intrinsics_for, trajectory
 from world_model.engine import StreamingEngine, build_engine
@@ -143,20 +145,36 @@ def fidelity(engine: StreamingEngine, seeds: Sequence[int], chunks: int) -> tupl
 STABILITY_SCRIPT = "w-40, d-24, w-40, a-30, s-20, l-30, i-8, k-8, j-30, none-10"
 
 
-def stability(engine: StreamingEngine, seed: int, chunks: int) -> dict[str, float]:
-    """Frame-to-frame change and spatial spread over the first and the last four chunks of a long steered session."""
+def stability(engine: StreamingEngine, seed: int, chunks: int, sheet: str | None = None) -> dict[str, float]:
+    """Frame-to-frame change and spatial spread over the first and the last four chunks of a long steered session,
+    and the spread of every 15 s (``spatial_std_{t}s``). Spread is contrast, not structure: a streaky texture
+    keeps it, so ``sheet`` (a PNG path) also saves frames of the session to look at (``contact_sheet``)."""
     width, height, per_chunk = engine.info.width, engine.info.height, engine.info.chunk_pixel_frames
     start = ground_truth(seed, "none-1", 1, width, height)[0]
     video = steer(engine, start, ", ".join([STABILITY_SCRIPT] * (1 + chunks * per_chunk // 240)), chunks, seed)
     diff = np.abs(np.diff(video.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
     spread = video.astype(np.float32).std(axis=(1, 2)).mean(axis=-1)
     first, last = slice(1, per_chunk * 4 + 1), slice(-per_chunk * 4, None)
-    return {
+    measured = {
         "frame_diff_first": float(diff[first].mean()),
         "frame_diff_last": float(diff[last].mean()),
         "spatial_std_first": float(spread[first].mean()),
         "spatial_std_last": float(spread[last].mean()),
     }
+    span = 15 * engine.info.fps
+    for start_frame in range(0, len(spread) - span + 1, span):
+        measured[f"spatial_std_{start_frame // engine.info.fps}s"] = float(spread[start_frame : start_frame + span].mean())
+    if sheet is not None:
+        Image.fromarray(contact_sheet(video, engine.info.fps)).save(sheet)
+    return measured
+
+
+def contact_sheet(video: np.ndarray, fps: int, seconds: Sequence[float] = (0, 5, 10, 20, 40, 60, 120, 180, 240, 300), columns: int = 5) -> np.ndarray:
+    """The frames of ``video`` ``(F, H, W, 3)`` at ``seconds`` (the last frame for times past its end), tiled
+    ``columns`` to a row, as one uint8 image."""
+    tiles = [video[min(len(video) - 1, round(t * fps))] for t in seconds]
+    tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % columns)
+    return np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)], axis=0)
 
 
 @torch.no_grad()
@@ -181,15 +199,18 @@ def reconstruction(vae: VideoVAE, seeds: Sequence[int], frames: int = 49, width:
     return {"motion": generated[1], "motion_truth": rendered[1], "psnr": float(np.mean(psnrs))}
 
 
-def evaluate(engine: StreamingEngine, seeds: Sequence[int], chunks: int = 2, fidelity_chunks: int = 7, long_chunks: int = 0) -> Report:
-    """Motion, fidelity (``fidelity_chunks`` chunks: 7 is 10.5 s) and, with ``long_chunks``, stability."""
+def evaluate(
+    engine: StreamingEngine, seeds: Sequence[int], chunks: int = 2, fidelity_chunks: int = 7, long_chunks: int = 0, sheet: str | None = None
+) -> Report:
+    """Motion, fidelity (``fidelity_chunks`` chunks: 7 is 10.5 s) and, with ``long_chunks``, stability (and its
+    contact sheet at ``sheet``)."""
     report = Report()
     latent_gap = engine.info.chunk_pixel_frames // engine.info.chunk_latent_frames
     generated, rendered = motion(engine, seeds, chunks, gaps=(1, latent_gap))
     report.motion, report.motion_truth, report.motion_latent = generated[1], rendered[1], generated[latent_gap]
     report.psnr, report.psnr_repeat_first = fidelity(engine, seeds, fidelity_chunks)
     if long_chunks:
-        report.stability = stability(engine, seeds[0], long_chunks)
+        report.stability = stability(engine, seeds[0], long_chunks, sheet)
     return report
 
 
@@ -200,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=2, help="chunks per steered clip")
     parser.add_argument("--fidelity-chunks", type=int, default=7, help="chunks of the PSNR run (7 = 10.5 s)")
     parser.add_argument("--long-chunks", type=int, default=0, help="chunks of the stability run (200 = 5 minutes)")
+    parser.add_argument("--sheet", help="with --long-chunks: save frames of the stability run to this PNG")
     parser.add_argument("--vae", help="only a VAE folder's reconstruction of the ground truth (no DiT)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", action="store_true")
@@ -210,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(reconstruction(vae, seeds, args.chunks * 24 + 1), indent=1 if not args.json else None))
         return
     engine = build_engine(model="demo", checkpoint=args.checkpoint, device=args.device)
-    report = evaluate(engine, seeds, args.chunks, args.fidelity_chunks, args.long_chunks)
+    if args.sheet and not args.long_chunks:
+        parser.error("--sheet needs --long-chunks")
+    report = evaluate(engine, seeds, args.chunks, args.fidelity_chunks, args.long_chunks, args.sheet)
     print(json.dumps(asdict(report), indent=1 if not args.json else None))
 
 
