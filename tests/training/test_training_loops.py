@@ -54,6 +54,28 @@ def test_dit_steps_reduce_loss(tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
+def test_a_compiled_loss_forward_gives_the_eager_loss_and_gradients():
+    """``train_dit --compile``: the loss's forward through torch.compile (Inductor) gives the eager loss and
+    gradients. Two blocks (a GDN and a softmax one) over the first chunk keep the compile to about a minute."""
+    pool = ClipPool.render([3], frames=25, width=64, height=64)
+    latents = train_dit.LatentPool.encode(VideoVAE.from_preset("tiny"), pool)
+    config = preset("tiny", num_layers=2, softmax_every_n=2, chunk_plucker_post_attn_blocks=2)
+    runs = []
+    for compiled in (False, True):
+        model = train_dit.new_transformer(config, seed=0)
+        task = train_dit.DiTTask(model, latents, train_dit.NoiseConfig(), batch=2, prompt="a scene", seed=0, device=CPU,
+                                 compile_forward=compiled)
+        assert (task.forward is model) != compiled
+        loss = task.loss(3)[0]
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (eager_loss, eager), (compiled_loss, compiled) = runs
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert compiled.keys() == eager.keys() and len(eager) > 10
+    for name, grad in eager.items():  # against each tensor's largest value: near-zero entries differ by reassociation
+        assert (compiled[name] - grad).abs().max() <= 1e-6 + 1e-4 * grad.abs().max(), name
+
+
 def test_chunk_timesteps_anchor_clean_and_chunks_constant():
     chunks = ((0, 4), (4, 7), (7, 10))
     t = train_dit.chunk_timesteps(torch.Generator().manual_seed(0), 256, chunks, train_dit.NoiseConfig())

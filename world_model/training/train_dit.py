@@ -43,7 +43,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -125,7 +125,7 @@ class LatentPool:
 
 
 def flow_matching_loss(
-    model: SanaWMTransformer,
+    model: Callable[..., torch.Tensor],
     x0: torch.Tensor,
     t: torch.Tensor,
     noise: torch.Tensor,
@@ -145,10 +145,16 @@ def flow_matching_loss(
 class DiTTask:
     """Step ``s``'s loss: clips, timesteps and noise all drawn from ``step_generator(seed, s)``."""
 
-    def __init__(self, model: SanaWMTransformer, pool: LatentPool, noise: NoiseConfig, batch: int, prompt: str, seed: int, device: torch.device) -> None:
+    def __init__(
+        self, model: SanaWMTransformer, pool: LatentPool, noise: NoiseConfig, batch: int, prompt: str, seed: int, device: torch.device,
+        compile_forward: bool = False,
+    ) -> None:
         config = model.config
         frames = pool.latents.shape[2]
         self.model, self.pool, self.noise, self.batch_size, self.seed, self.device = model, pool, noise, batch, seed, device
+        # The loss's forward, through torch.compile on request (the same parameters): a step of the small DiT is
+        # bound by launching its many small ops, not by arithmetic. Rollouts and exports use the plain model.
+        self.forward = torch.compile(model) if compile_forward else model
         self.chunks = chunk_bounds(frames, config.first_chunk_frames, config.chunk_frames)
         text, mask = HashTextEncoder(config.caption_channels).encode([prompt])
         self.text = (text.expand(batch, -1, -1).to(device), mask.expand(batch, -1).to(device))
@@ -161,7 +167,7 @@ class DiTTask:
         noise = torch.randn(x0.shape, generator=generator)
         c2w = self.pool.poses[clips].to(self.device)
         intrinsics = self.pool.intrinsics.expand(*c2w.shape[:2], 4).to(self.device)
-        loss = flow_matching_loss(self.model, x0.to(self.device), t, noise.to(self.device), self.text, c2w, intrinsics)
+        loss = flow_matching_loss(self.forward, x0.to(self.device), t, noise.to(self.device), self.text, c2w, intrinsics)
         return loss, {"noisy_frames": float((t > 0).float().mean())}
 
 
@@ -204,8 +210,11 @@ class RolloutTask(DiTTask):
     """Step ``s``'s loss with self-generated history for part of the batch (the module docstring's rollout
     phase); everything random, the sampler's noise too, comes from ``step_generator(seed, s)``."""
 
-    def __init__(self, model: SanaWMTransformer, pool: LatentPool, noise: NoiseConfig, rollout: RolloutConfig, batch: int, prompt: str, seed: int, device: torch.device) -> None:
-        super().__init__(model, pool, noise, batch, prompt, seed, device)
+    def __init__(
+        self, model: SanaWMTransformer, pool: LatentPool, noise: NoiseConfig, rollout: RolloutConfig, batch: int, prompt: str, seed: int,
+        device: torch.device, compile_forward: bool = False,
+    ) -> None:
+        super().__init__(model, pool, noise, batch, prompt, seed, device, compile_forward)
         config, frames = model.config, pool.latents.shape[2]
         fits = (frames - config.first_chunk_frames) // config.chunk_frames
         if (config.first_chunk_frames, config.chunk_frames) != (rollout.sampler.first_chunk_frames, rollout.sampler.chunk_frames):
@@ -238,7 +247,7 @@ class RolloutTask(DiTTask):
                 c2w[rolled.to(self.device)], intrinsics[rolled.to(self.device)], self.rollout.sampler,
             ).cpu()
             t[rolled, :history] = 0.0
-        loss = flow_matching_loss(self.model, x0.to(self.device), t, noise.to(self.device), self.text, c2w, intrinsics)
+        loss = flow_matching_loss(self.forward, x0.to(self.device), t, noise.to(self.device), self.text, c2w, intrinsics)
         return loss, {"noisy_frames": float((t > 0).float().mean()), "rollout_chunks": float(n), "rolled": len(rolled) / self.batch_size}
 
 
@@ -294,6 +303,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--p-schedule", type=float, default=NoiseConfig.p_schedule)
     parser.add_argument("--p-clean-history", type=float, default=NoiseConfig.p_clean_history)
     parser.add_argument("--rollout-chunks", type=int, default=0, help="rollout phase: most chunks the model generates as history (0: the usual phase)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the loss's forward (rollout phase: one graph per history length)")
     parser.add_argument("--p-rollout", type=float, default=RolloutConfig.p_rollout, help="rollout phase: share of each batch with generated history")
     return parser.parse_args(argv)
 
@@ -327,9 +337,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     noise = NoiseConfig(p_schedule=args.p_schedule, p_clean_history=args.p_clean_history)
     if args.rollout_chunks:
         rollout = RolloutConfig(chunks=args.rollout_chunks, p_rollout=args.p_rollout)
-        task = RolloutTask(model, pool, noise, rollout, args.batch, args.prompt, args.seed, device)
+        task = RolloutTask(model, pool, noise, rollout, args.batch, args.prompt, args.seed, device, args.compile)
     else:
-        task = DiTTask(model, pool, noise, args.batch, args.prompt, args.seed, device)
+        task = DiTTask(model, pool, noise, args.batch, args.prompt, args.seed, device, args.compile)
     train(model, task.loss, loop_config(args), out, resume=args.resume, stop_at=args.stop_at)
     if args.export:
         log.info("exported to %s", export_dit(model, Path(args.vae), args.export))
