@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,7 @@ def test_dit_steps_reduce_loss(tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="Inductor on the CPU needs a C++ compiler")
 def test_a_compiled_loss_forward_gives_the_eager_loss_and_gradients():
     """``train_dit --compile``: the loss's forward through torch.compile (Inductor) gives the eager loss and
     gradients. Two blocks (a GDN and a softmax one) over the first chunk keep the compile to about a minute."""
