@@ -206,8 +206,11 @@ async def test_overload_is_reported_and_shared(engine):
             stats = await va.wait_event(lambda e: e["type"] == "stats" and e["overloaded"], timeout=10)
             assert stats["sessions"] == 2 and stats["speed"] <= 1.0
             await vb.wait_event(lambda e: e["type"] == "stats" and e["overloaded"], timeout=10)
-            await asyncio.sleep(2.0)
-            served = [sum(sid in batch for batch in engine.batches) for sid in sorted(engine.sessions)]
+            # Count from here: before b's viewer connected, a was served alone (on a busy machine, twice).
+            both_served_from = len(engine.batches)
+            await asyncio.sleep(3.0)
+            batches = engine.batches[both_served_from:]
+            served = [sum(sid in batch for batch in batches) for sid in sorted(engine.sessions)]
             assert min(served) >= 2 and max(served) - min(served) <= 1  # equal shares, no one starved
         finally:
             await va.close()
