@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from world_model.checkpoint import load_state_dict
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
@@ -61,9 +63,7 @@ def rewrite_folder(source: Path, target: Path, max_bytes: int | None) -> list[Pa
     written = []
     for folder in sorted({p.parent for p in source.rglob("*.safetensors")}):
         out = target / folder.relative_to(source)
-        tensors = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            tensors.update(load_file(str(path)))
+        tensors = load_state_dict(folder)
         for other in folder.iterdir():
             if other.is_file() and other.suffix != ".safetensors":
                 out.mkdir(parents=True, exist_ok=True)
