@@ -110,12 +110,15 @@ def to_pixels(frames: np.ndarray, device: torch.device) -> torch.Tensor:
 def encode_clips(vae: VideoVAE, pool: ClipPool, *, normalised: bool, batch: int = 4) -> torch.Tensor:
     """Posterior-mode latents ``(N, C, T, h, w)`` float32 (on the CPU) of whole clips; ``normalised``: in the
     model space the DiT sees (as ``VideoVAE.encode_image`` gives), else the raw encoder output."""
-    out = []
-    for start in range(0, len(pool), batch):
-        video = to_pixels(pool.frames[start : start + batch], vae.device).to(vae.dtype)
-        z = vae.model.encode(video, causal=True).latent_dist.mode()
-        out.append((vae.normalise(z) if normalised else z.float()).cpu())
-    return torch.cat(out)
+    return torch.cat([encode_video(vae, pool.frames[start : start + batch], normalised=normalised).cpu() for start in range(0, len(pool), batch)])
+
+
+@torch.no_grad()
+def encode_video(vae: VideoVAE, frames: np.ndarray, *, normalised: bool = True) -> torch.Tensor:
+    """Posterior-mode latents ``(B, C, T, h, w)`` float32 (on the VAE's device) of uint8 clips ``(B, F, H, W, 3)``
+    (F = 8k + 1), causally encoded; ``normalised`` as in :func:`encode_clips`."""
+    z = vae.model.encode(to_pixels(frames, vae.device).to(vae.dtype), causal=True).latent_dist.mode()
+    return vae.normalise(z) if normalised else z.float()
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

@@ -35,6 +35,7 @@ from world_model.controls import intrinsics_for, trajectory
 from world_model.engine import StreamingEngine, build_engine
 from world_model.engine_api import ChunkRequest
 from world_model.start_scenes import DEMO_PROMPT
+from world_model.training.common import encode_video
 from world_model.training.metrics import phase_correlation
 from world_model.training.scenes import Scene
 from world_model.vae import VideoVAE
@@ -180,9 +181,7 @@ def contact_sheet(video: np.ndarray, fps: int, seconds: Sequence[float] = (0, 5,
 @torch.no_grad()
 def reconstruct(vae: VideoVAE, video: np.ndarray) -> np.ndarray:
     """The VAE's causal encode and one-shot decode of a clip ``(F, H, W, 3)`` uint8 (F = 8k + 1), in uint8."""
-    pixels = torch.from_numpy(video).to(vae.device).permute(3, 0, 1, 2)[None].to(vae.dtype) / 127.5 - 1.0
-    z = vae.normalise(vae.model.encode(pixels, causal=True).latent_dist.mode())
-    return vae.to_uint8(vae.decode(z))[0]
+    return vae.to_uint8(vae.decode(encode_video(vae, video[None])))[0]
 
 
 def reconstruction(vae: VideoVAE, seeds: Sequence[int], frames: int = 49, width: int = 256, height: int = 160) -> dict:
