@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from world_model.engine import build_engine
-from world_model.training.evaluate import HELD_OUT_SEED, fidelity, motion, stability
+from world_model.training.evaluate import HELD_OUT_SEED, fidelity, long_session, motion, stability
 
 SEEDS = (HELD_OUT_SEED, HELD_OUT_SEED + 2)
 LATENT_GAP = 8  # pixel frames per latent frame
@@ -65,7 +65,7 @@ def test_five_minutes_of_steering_neither_freeze_nor_blank(demo):
     spatial contrast far above a blank frame's (a flat frame has a spread of a few levels). The world itself
     drifts: after about a minute the picture loses its scene structure and its spread falls from ~58 to
     ~21 levels (docs/demo-training/README.md); this asserts only the absence of a frozen or blank picture."""
-    measured = stability(demo, HELD_OUT_SEED, chunks=200)
+    measured = stability(long_session(demo, HELD_OUT_SEED, chunks=200), demo.info.fps, demo.info.chunk_pixel_frames)
     assert np.isfinite(list(measured.values())).all()
     assert measured["frame_diff_last"] > 0.3 * measured["frame_diff_first"] > 0, measured
     assert measured["spatial_std_last"] > 10.0 and measured["spatial_std_first"] > 30.0, measured

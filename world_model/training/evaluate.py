@@ -146,27 +146,29 @@ def fidelity(engine: StreamingEngine, seeds: Sequence[int], chunks: int) -> tupl
 STABILITY_SCRIPT = "w-40, d-24, w-40, a-30, s-20, l-30, i-8, k-8, j-30, none-10"
 
 
-def stability(engine: StreamingEngine, seed: int, chunks: int, sheet: str | None = None) -> dict[str, float]:
-    """Frame-to-frame change and spatial spread over the first and the last four chunks of a long steered session,
-    and the spread of every 15 s (``spatial_std_{t}s``). Spread is contrast, not structure: a streaky texture
-    keeps it, so ``sheet`` (a PNG path) also saves frames of the session to look at (``contact_sheet``)."""
+def long_session(engine: StreamingEngine, seed: int, chunks: int) -> np.ndarray:
+    """``chunks`` chunks of the stability script, steered from the renderer's view of scene ``seed``."""
     width, height, per_chunk = engine.info.width, engine.info.height, engine.info.chunk_pixel_frames
     start = ground_truth(seed, "none-1", 1, width, height)[0]
-    video = steer(engine, start, ", ".join([STABILITY_SCRIPT] * (1 + chunks * per_chunk // 240)), chunks, seed)
+    return steer(engine, start, ", ".join([STABILITY_SCRIPT] * (1 + chunks * per_chunk // 240)), chunks, seed)
+
+
+def stability(video: np.ndarray, fps: int, chunk_frames: int) -> dict[str, float]:
+    """Frame-to-frame change and spatial spread over the first and the last four chunks of a long steered session
+    ``video`` (:func:`long_session`), and the spread of every 15 s (``spatial_std_{t}s``). Spread is contrast, not
+    structure: a streaky texture keeps it, so a :func:`contact_sheet` of the session is worth a look too."""
     diff = np.abs(np.diff(video.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
     spread = video.astype(np.float32).std(axis=(1, 2)).mean(axis=-1)
-    first, last = slice(1, per_chunk * 4 + 1), slice(-per_chunk * 4, None)
+    first, last = slice(1, chunk_frames * 4 + 1), slice(-chunk_frames * 4, None)
     measured = {
         "frame_diff_first": float(diff[first].mean()),
         "frame_diff_last": float(diff[last].mean()),
         "spatial_std_first": float(spread[first].mean()),
         "spatial_std_last": float(spread[last].mean()),
     }
-    span = 15 * engine.info.fps
+    span = 15 * fps
     for start_frame in range(0, len(spread) - span + 1, span):
-        measured[f"spatial_std_{start_frame // engine.info.fps}s"] = float(spread[start_frame : start_frame + span].mean())
-    if sheet is not None:
-        Image.fromarray(contact_sheet(video, engine.info.fps)).save(sheet)
+        measured[f"spatial_std_{start_frame // fps}s"] = float(spread[start_frame : start_frame + span].mean())
     return measured
 
 
@@ -209,7 +211,10 @@ def evaluate(
     report.motion, report.motion_truth, report.motion_latent = generated[1], rendered[1], generated[latent_gap]
     report.psnr, report.psnr_repeat_first = fidelity(engine, seeds, fidelity_chunks)
     if long_chunks:
-        report.stability = stability(engine, seeds[0], long_chunks, sheet)
+        video = long_session(engine, seeds[0], long_chunks)
+        report.stability = stability(video, engine.info.fps, engine.info.chunk_pixel_frames)
+        if sheet is not None:
+            Image.fromarray(contact_sheet(video, engine.info.fps)).save(sheet)
     return report
 
 
