@@ -163,7 +163,9 @@ def test_fresh_sessions_can_start_batched(vae):
     cache = DecoderCache.stack([vae.new_decoder_cache(), vae.new_decoder_cache()])
     assert not cache.started and cache.batch_size is None
     batched = vae.decode_chunk(torch.cat([first, second]), cache)
-    assert rel_err(batched[1:], vae.decode(second)) < 1e-5
+    # fp32 conv blocking differs between a batch of 2 and of 1 by the CPU: 1.0e-5 measured on an AMD EPYC VM
+    # (below 1e-5 on others); a wrong cache or batch slice shows errors of order 1.
+    assert rel_err(batched[1:], vae.decode(second)) < 1e-4
     assert cache.batch_size == 2
 
 
