@@ -125,6 +125,29 @@ def test_resume_is_bit_identical(tmp_path, tiny_vae_folder, script, args):
     assert untimed(tmp_path / "whole" / LOG_NAME) == untimed(tmp_path / "slots" / LOG_NAME)
 
 
+def test_decoder_only_fine_tune_keeps_the_encoder_and_its_latent_space(tmp_path, tiny_vae_folder):
+    """``--init VAE --decoder-only``: the decoder learns (here with the frame-to-frame term too), while the encoder
+    and the latent statistics stay bit for bit, so a DiT trained on that VAE's latents sees the same latents."""
+    out = tmp_path / "vae"
+    train_vae.main([*SMALL_CLIPS, "--frames", "17", "--window", "9", "--init", str(tiny_vae_folder), "--decoder-only",
+                    "--temporal-weight", "1.0", "--steps", "3", "--lr", "1e-3", "--out", str(tmp_path / "run"), "--export", str(out)])
+    before, after = load_file(str(tiny_vae_folder / train_vae.WEIGHTS_NAME)), load_file(str(out / train_vae.WEIGHTS_NAME))
+    assert before.keys() == after.keys()
+    kept = [k for k in before if not k.startswith("decoder.")]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)  # encoder, latents_mean, latents_std
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert "temporal" in next(iter(read_log(tmp_path / "run" / LOG_NAME)))
+    with pytest.raises(SystemExit, match="needs --init"):
+        train_vae.main([*SMALL_CLIPS, "--decoder-only", "--steps", "1", "--out", str(tmp_path / "bad")])
+
+
+def test_temporal_term_is_zero_for_a_copy_and_sees_a_frozen_clip():
+    video = torch.randn(1, 3, 9, 8, 8)
+    assert train_vae.difference_l1(video, video, dim=2) == 0
+    frozen = video[:, :, :1].expand_as(video)  # right on average in every frame, but without the motion
+    assert train_vae.difference_l1(frozen, video, dim=2) > 0.5
+
+
 def test_demo_export_round_trip(tmp_path):
     """The training default (the demo DiT over the wide demo VAE) exports a folder the engine runs, also split
     into the shards a device call hands back."""

@@ -11,6 +11,15 @@ On a GPU, one 28-minute slot at a time (the second and later with ``--resume``):
 
     python -m world_model.training.train_vae --data shards/ --out runs/vae --device cuda --minutes 28
     python -m world_model.training.train_vae --data shards/ --out runs/vae --device cuda --minutes 28 --resume --export runs/demo/vae
+
+``--temporal-weight`` adds the L1 between the frame-to-frame changes of the reconstruction and of the clip:
+a decoder that draws the 8 frames of a latent alike is right on average but wrong in every change between
+them, which the plain L1 barely sees. ``--init VAE --decoder-only`` fine-tunes the decoder of an exported VAE
+and keeps its encoder and latent statistics, so the DiT trained on its latents runs unchanged over the new
+decoder; its step is cheap enough for a CPU::
+
+    python -m world_model.training.train_vae --init world_model/demo/vae --decoder-only --temporal-weight 2 \\
+        --clips 256 --frames 25 --batch 4 --lr 2e-4 --warmup 50 --steps 0 --minutes 40 --out runs/dec --export runs/dec/vae
 """
 
 from __future__ import annotations
@@ -51,13 +60,17 @@ class VAELossConfig:
     batch: int = 8  # samples per step
     kl_weight: float = 1e-4  # weight of the per-element KL of the posterior against N(0, 1)
     edge_weight: float = 0.5  # weight of the L1 between spatial gradients of output and target
+    temporal_weight: float = 0.0  # weight of the L1 between the frame-to-frame changes of output and target
+
+
+def difference_l1(output: torch.Tensor, target: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean L1 between the finite differences along ``dim`` of two videos ``(B, 3, F, H, W)``."""
+    return (output.diff(dim=dim) - target.diff(dim=dim)).abs().mean()
 
 
 def edge_l1(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean L1 between the horizontal and vertical finite differences of two videos ``(B, 3, F, H, W)``."""
-    dx = lambda v: v[..., :, 1:] - v[..., :, :-1]
-    dy = lambda v: v[..., 1:, :] - v[..., :-1, :]
-    return (dx(output) - dx(target)).abs().mean() + (dy(output) - dy(target)).abs().mean()
+    return difference_l1(output, target, -1) + difference_l1(output, target, -2)
 
 
 def vae_loss(
@@ -72,8 +85,9 @@ def vae_loss(
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
     l1 = (recon - video).abs().mean()
     edge = edge_l1(recon, video)
-    loss = l1 + config.edge_weight * edge + config.kl_weight * kl
-    return loss, {"l1": l1.item(), "edge": edge.item(), "kl": kl.item()}
+    temporal = difference_l1(recon, video, dim=2)
+    loss = l1 + config.edge_weight * edge + config.temporal_weight * temporal + config.kl_weight * kl
+    return loss, {"l1": l1.item(), "edge": edge.item(), "temporal": temporal.item(), "kl": kl.item()}
 
 
 class VAETask:
@@ -126,6 +140,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=VAELossConfig.window, help="pixel frames per sample (8k + 1)")
     parser.add_argument("--kl-weight", type=float, default=VAELossConfig.kl_weight)
     parser.add_argument("--edge-weight", type=float, default=VAELossConfig.edge_weight)
+    parser.add_argument("--temporal-weight", type=float, default=VAELossConfig.temporal_weight,
+                        help="weight of the L1 between the frame-to-frame changes of the reconstruction and the clip")
+    parser.add_argument("--init", help="start from the weights of an exported VAE folder (its config replaces --preset)")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="with --init: train the decoder alone; the encoder and its latent statistics stay, so a DiT "
+                             "trained on that VAE's latents keeps working with the new decoder")
     parser.add_argument("--export-dtype", choices=sorted(EXPORT_DTYPES), default="bf16")
     return parser.parse_args(argv)
 
@@ -135,16 +155,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     device = torch.device(args.device)
     pool = load_clips(args.data, args.clips, args.frames, args.width, args.height, args.workers)
-    vae = VideoVAE.from_preset(args.preset, seed=args.seed, device=device)
+    if args.decoder_only and not args.init:
+        raise SystemExit("--decoder-only needs --init (the VAE whose encoder stays)")
+    if args.init:
+        vae = VideoVAE.from_pretrained(args.init, dtype=torch.float32, device=device)
+    else:
+        vae = VideoVAE.from_preset(args.preset, seed=args.seed, device=device)
     model = vae.model.requires_grad_(True)
-    log.info("VAE %s: %d parameters; %d clips of %s", args.preset, sum(p.numel() for p in model.parameters()), len(pool), pool.frames.shape[1:])
-    config = VAELossConfig(window=args.window, batch=args.batch, kl_weight=args.kl_weight, edge_weight=args.edge_weight)
+    if args.decoder_only:
+        model.encoder.requires_grad_(False)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("VAE %s: %d parameters, %d trained; %d clips of %s", args.init or args.preset, sum(p.numel() for p in model.parameters()),
+             trained, len(pool), pool.frames.shape[1:])
+    config = VAELossConfig(window=args.window, batch=args.batch, kl_weight=args.kl_weight, edge_weight=args.edge_weight,
+                           temporal_weight=args.temporal_weight)
     task = VAETask(model, pool, config, args.seed, device)
     out = Path(args.out)
     train(model, task.loss, loop_config(args), out, resume=args.resume, stop_at=args.stop_at)
     if args.export:
         model.requires_grad_(False)
-        set_latent_statistics(vae, pool)
+        if not args.decoder_only:  # the encoder changed: the DiT's latent space is measured anew
+            set_latent_statistics(vae, pool)
         log.info("latent mean %s, std %s", vae.model.latents_mean.tolist(), vae.model.latents_std.tolist())
         log.info("exported to %s", export_vae(vae, args.export, EXPORT_DTYPES[args.export_dtype]))
 
