@@ -1,11 +1,11 @@
 """The shipped demo model answers the camera, follows the world and stays alive (held-out renderer scenes).
 
 Ground truth comes from the procedural renderer along the same key-driven trajectory
-(``world_model.training.evaluate``). Motion is judged between frames one latent apart (8 frames, 0.5 s):
-the demo VAE decodes the 8 frames of a latent nearly alike, so frame-to-frame motion is below what
-phase correlation resolves even for the VAE's own reconstruction of the ground truth
-(docs/demo-training/README.md). Every measure is checked against the renderer as well, so a broken
-measure cannot pass.
+(``world_model.training.evaluate``). Motion is judged between frames one latent apart (8 frames, 0.5 s),
+and, more loosely, between consecutive frames: the demo VAE's 16 latent channels carry little of the motion
+between the 8 frames of a latent, and even its decoder, fine-tuned for those changes, gets only part of it
+back from its own encoding of the ground truth (docs/demo-training/README.md). Every measure is checked
+against the renderer as well, so a broken measure cannot pass.
 """
 
 from __future__ import annotations
@@ -28,8 +28,13 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def shares(demo):
-    generated, rendered = motion(demo, SEEDS, chunks=2, gaps=(LATENT_GAP,))
+def measured(demo):
+    return motion(demo, SEEDS, chunks=2, gaps=(1, LATENT_GAP))
+
+
+@pytest.fixture(scope="module")
+def shares(measured):
+    generated, rendered = measured
     return generated[LATENT_GAP], rendered[LATENT_GAP]
 
 
@@ -47,6 +52,15 @@ def test_turning_moves_the_picture_the_right_way(shares):
 def test_walking_expands_and_contracts_the_picture(shares):
     generated, _ = shares
     assert generated["w"] >= 0.75 and generated["s"] >= 0.7, generated
+
+
+def test_consecutive_frames_move_with_the_camera(measured):
+    """Frame to frame, every key moves the picture the right way in most pairs, yaw left in nearly all. Measured
+    on these seeds: 88 / 69 / 81 / 61 / 68 / 62% (a / d / i / k / w / s); the decoder before its fine-tune for
+    frame-to-frame changes gave 47 / 73 / 74 / 50 / 53 / 54%; the renderer itself gives at least 90%."""
+    generated, rendered = measured
+    assert min(rendered[1].values()) >= 0.9, rendered[1]
+    assert generated[1]["a"] >= 0.8 and min(generated[1].values()) >= 0.55, generated[1]
 
 
 def test_random_weights_do_not_pass_the_motion_check():
