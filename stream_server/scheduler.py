@@ -51,7 +51,8 @@ Policy, at each decision point while the engine is idle (``n`` sessions, ``est``
    ``b``: the moving average for that size times
    ``1 + 2 * dev``, ``dev`` being the moving average of the relative deviation of steps from their
    size's mean (as TCP estimates round trips, shared by all sizes since jitter belongs to the machine).
-   Unmeasured sizes lie on the line through the nearest measured ones, continued past the ends (never
+   Unmeasured sizes (and sizes not measured for a while: :class:`StepTimeEstimator`) lie on the line
+   through the nearest measured ones, continued past the ends (never
    decreasing, nor below proportional scaling); with a single measured size, half of its cost is
    assumed fixed. Before any measurement every size costs the prior.
 
@@ -70,21 +71,33 @@ from dataclasses import dataclass
 class StepTimeEstimator:
     """Step duration per batch size: a moving-average mean per measured size, one relative deviation.
 
-    Steps that held a session's first chunk (one latent more, the start image's encoding) are *warm-up*
-    samples, kept apart: they are used only until any steady step has been measured. Otherwise one slow
-    warm-up sample of a size would keep that size from being chosen, and so from being measured again.
+    A size that is not chosen is not measured again, so a mean that one slow step spoiled could keep its size
+    out for good. Two rules keep the table honest. Steps that held a session's first chunk (one latent more,
+    the start image's encoding) are *warm-up* samples, kept apart: they are used only until any steady step
+    has been measured. And a size's mean goes *stale* once ``stale_after`` steady steps of other sizes have
+    been measured since its own last one: it then counts only where it is below the line through the fresh
+    sizes (as if unmeasured), so the scheduler tries it again when that line says it pays, and the new sample
+    starts its mean afresh.
     """
 
-    def __init__(self, prior_seconds: float, alpha: float = 0.2, beta: float = 0.25) -> None:
+    def __init__(self, prior_seconds: float, alpha: float = 0.2, beta: float = 0.25, stale_after: int = 20) -> None:
         self.prior_seconds = prior_seconds  # used until any step has been measured
         self.alpha = alpha  # weight of a new sample in its size's mean
         self.beta = beta  # weight of a new sample in the relative deviation
+        self.stale_after = stale_after  # steady steps of other sizes after which a size's mean no longer counts
         self._mean: dict[int, float] = {}  # batch size -> moving average of its steady step seconds
         self._warmup: dict[int, float] = {}  # the same for steps that held a first chunk
+        self._steady_count = 0  # steady samples recorded
+        self._last_seen: dict[int, int] = {}  # batch size -> the steady count at its last sample
         self.deviation = 0.0  # moving average of |sample - mean| / mean, over all sizes
 
     def record(self, batch_size: int, seconds: float, steady: bool = True) -> None:
         table = self._mean if steady else self._warmup
+        if steady:
+            if batch_size in table and self._stale(batch_size):
+                del table[batch_size]  # a stale mean starts over from the new sample
+            self._steady_count += 1
+            self._last_seen[batch_size] = self._steady_count
         mean = table.get(batch_size)
         if mean is None:
             table[batch_size] = seconds
@@ -92,28 +105,38 @@ class StepTimeEstimator:
         self.deviation += self.beta * (abs(seconds - mean) / mean - self.deviation)
         table[batch_size] = mean + self.alpha * (seconds - mean)
 
+    def _stale(self, batch_size: int) -> bool:
+        return self._steady_count - self._last_seen[batch_size] >= self.stale_after
+
     def mean(self, batch_size: int) -> float:
-        """The expected step time: measured, or on the line through the nearest measured sizes."""
-        table = self._mean or self._warmup
+        """The expected step time: measured, or on the line through the nearest measured sizes; a stale size's
+        mean counts only where it is below that line (so that staleness makes a size worth a retry, never worse)."""
+        fresh = {b: m for b, m in self._mean.items() if not self._stale(b)}
+        table = fresh or self._warmup
         if not table:
             return self.prior_seconds
         if batch_size in table:
             return table[batch_size]
-        points = sorted(table.items())
-        if len(points) == 1:  # one measured size: assume half of its cost is fixed
-            points.insert(0, (0, points[0][1] / 2))
-        segments = list(zip(points, points[1:]))
-        (b1, m1), (b2, m2) = next((seg for seg in segments if batch_size < seg[1][0]), segments[-1])
-        slope = (m2 - m1) / (b2 - b1)
-        if batch_size > b2:  # past the largest: never cheaper than it
-            return m2 + max(slope, 0.0) * (batch_size - b2)
-        if batch_size < b1:  # below the smallest: no cheaper per session than it
-            return max(m1 - max(slope, 0.0) * (b1 - batch_size), m1 * batch_size / b1)
-        return m1 + slope * (batch_size - b1)
+        line = _on_the_line(sorted(table.items()), batch_size)
+        return min(line, self._mean[batch_size]) if batch_size in self._mean else line
 
     def __call__(self, batch_size: int) -> float:
         """A cautious step time for ``batch_size``: the mean plus two deviations."""
         return self.mean(batch_size) * (1 + 2 * self.deviation)
+
+
+def _on_the_line(points: list[tuple[int, float]], batch_size: int) -> float:
+    """The step time of ``batch_size`` on the line through the nearest of the measured ``(size, mean)`` points."""
+    if len(points) == 1:  # one measured size: assume half of its cost is fixed
+        points = [(0, points[0][1] / 2), *points]
+    segments = list(zip(points, points[1:]))
+    (b1, m1), (b2, m2) = next((seg for seg in segments if batch_size < seg[1][0]), segments[-1])
+    slope = (m2 - m1) / (b2 - b1)
+    if batch_size > b2:  # past the largest: never cheaper than it
+        return m2 + max(slope, 0.0) * (batch_size - b2)
+    if batch_size < b1:  # below the smallest: no cheaper per session than it
+        return max(m1 - max(slope, 0.0) * (b1 - batch_size), m1 * batch_size / b1)
+    return m1 + slope * (batch_size - b1)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,30 @@ def test_a_slow_first_chunk_step_does_not_lock_a_batch_size_out():
     assert sched.batch_cap() == 2  # two singles (1.2 s + margin) would fill more than 0.8 of the chunk; a pair 1.0 s
 
 
+def test_a_size_spoiled_by_one_slow_step_is_tried_again_once_its_mean_is_stale():
+    """One slow steady step of a pair (the machine busy with something else) makes pairs look worse than two
+    singles; since only chosen sizes are measured, that would last. After ``stale_after`` steps of other sizes
+    the pair's mean no longer counts, its estimate comes from the singles' (half fixed: 0.9 s), and the cap
+    goes back to pairs, whose next sample then starts their mean afresh."""
+    estimator = StepTimeEstimator(0.5, stale_after=20)
+    estimator.record(1, 0.6)
+    estimator.record(2, 1.8)  # steady, but slow
+    sched = Scheduler(chunk_seconds=CHUNK, max_batch=2, margin_seconds=MARGIN, estimator=estimator, max_busy=0.8)
+    for sid in ("a", "b"):
+        sched.add(sid, 0.0)
+    for _ in range(19):
+        assert sched.batch_cap() == 1  # two singles (1.2 s) against a pair measured at 1.8 s
+        estimator.record(1, 0.6)
+    assert estimator.mean(2) == 1.8 and sched.batch_cap() == 1
+    estimator.record(1, 0.6)  # the 20th step since the pair's sample
+    assert estimator.mean(2) == pytest.approx(0.9) and sched.batch_cap() == 2
+    estimator.record(2, 1.0)  # measured again: the slow sample is forgotten, pairs stay (1.0 s < 1.2 s)
+    assert estimator.mean(2) == pytest.approx(1.0) and sched.batch_cap() == 2
+    for _ in range(20):
+        estimator.record(2, 1.4)  # pairs really are slow now; the singles, stale, keep their 0.6 s (below the line)
+    assert sched.batch_cap() == 1
+
+
 def test_max_busy_leaves_room_beside_the_engine():
     """With ``max_busy`` < 1 the cap keeps part of every chunk free for the work beside the engine (encoding,
     a refiner): two sessions on a fixed-cost engine share steps instead of filling the chunk with singles."""
