@@ -153,10 +153,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.decoder_only and not args.init:  # before the clips are rendered, which can take minutes
+        raise SystemExit("--decoder-only needs --init (the VAE whose encoder stays)")
     device = torch.device(args.device)
     pool = load_clips(args.data, args.clips, args.frames, args.width, args.height, args.workers)
-    if args.decoder_only and not args.init:
-        raise SystemExit("--decoder-only needs --init (the VAE whose encoder stays)")
     if args.init:
         vae = VideoVAE.from_pretrained(args.init, dtype=torch.float32, device=device)
     else:
