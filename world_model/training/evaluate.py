@@ -180,7 +180,6 @@ def contact_sheet(video: np.ndarray, fps: int, seconds: Sequence[float] = (0, 5,
     return np.concatenate([np.concatenate(tiles[i : i + columns], axis=1) for i in range(0, len(tiles), columns)], axis=0)
 
 
-@torch.no_grad()
 def reconstruct(vae: VideoVAE, video: np.ndarray) -> np.ndarray:
     """The VAE's causal encode and one-shot decode of a clip ``(F, H, W, 3)`` uint8 (F = 8k + 1), in uint8."""
     return vae.to_uint8(vae.decode(encode_video(vae, video[None])))[0]
