@@ -22,16 +22,21 @@ from world_model.engine import build_engine
 from world_model.engine_api import ChunkRequest
 from world_model.ops import gated_delta
 
+from profile_engine import profile_step  # benchmarks/, this script's folder
+
 # Engine options and the GDN backend (world_model.ops.gated_delta) of each variant; "auto" is the engine's default
 # (the Triton kernel on CUDA), "naive" the plain-torch reference.
 VARIANTS = {
     "highest": ({"tf32": False}, "naive"),
     "naive": ({"tf32": True}, "naive"),
     "tf32": ({"tf32": True}, "auto"),
+    "factored": ({"tf32": True}, "factored"),  # the GDN as batched GEMMs over whole frames (ops/gated_delta/factored.py)
     "compile": ({"tf32": True, "compile": True}, "auto"),
+    "compile_factored": ({"tf32": True, "compile": True}, "factored"),
     "channels_last": ({"tf32": True}, "auto"),  # + every DiT Conv2d weight in channels-last (cuDNN depthwise)
     "fp8": ({"tf32": True, "dtype": "fp8"}, "auto"),
     "fp8_compile": ({"tf32": True, "dtype": "fp8", "compile": True}, "auto"),
+    "fp8_compile_factored": ({"tf32": True, "dtype": "fp8", "compile": True}, "factored"),
 }
 
 
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,4")
     parser.add_argument("--variants", default="highest,tf32,compile")
     parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--profile", action="store_true", help="then profile one step at the largest batch size")
     parser.add_argument("--reference", help="an .npz of the first variant's two chunks: compared against if it exists, "
                                             "else written (so that variants run in separate processes compare too)")
     args = parser.parse_args()
@@ -85,6 +91,8 @@ def main() -> None:
         print(f"== {name}: build {built:.1f} s, first two chunks {first:.1f} s; {drift(frames, latents, reference)}", flush=True)
         result = measure(engine, sizes, chunks=args.chunks)
         print(result.table(), flush=True)
+        if args.profile:
+            print(profile_step(engine, max(sizes), fine=not options.get("compile"), rows=40), flush=True)
         del engine
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
