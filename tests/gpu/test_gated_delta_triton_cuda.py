@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import rel_err
-from tests.ops.test_gated_delta_triton import _inputs as cpu_inputs
+from tests.ops.gdn_cases import _inputs as cpu_inputs
 from world_model.ops import gated_delta
 from world_model.ops.gated_delta import naive, triton_kernel
 

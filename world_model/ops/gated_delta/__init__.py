@@ -1,12 +1,14 @@
-"""The frame-wise gated delta rule: a plain-torch reference (``naive``) and a Triton kernel (``triton_kernel``).
+"""The frame-wise gated delta rule: a plain-torch reference (``naive``), the same as batched GEMMs over whole frames
+(``factored``, plain torch too) and a Triton kernel (``triton_kernel``).
 
 The functions here have the reference's meaning and signature and pick the implementation per call:
 
 * the Triton kernel when the tensors are on CUDA, Triton is installed and no gradient is needed (it has no backward);
 * the reference otherwise.
 
-``SANA_WM_GDN_BACKEND`` picks: ``auto`` (the default) as above; ``naive`` always the reference; ``triton`` always the
-kernel (CPU tensors then run in Triton's interpreter) and refuses calls that need gradients. The kernel passed its
+``SANA_WM_GDN_BACKEND`` picks: ``auto`` (the default) as above; ``naive`` always the reference; ``factored`` always the
+batched-GEMM form (with gradients; not yet timed on a GPU); ``triton`` always the kernel (CPU tensors then run in
+Triton's interpreter) and refuses calls that need gradients. The kernel passed its
 parity tests on an H100 (tests/gpu/test_gated_delta_triton_cuda.py, 47 tests) and made the full model's engine step
 2-18% faster there than the reference's TF32 matmuls (benchmarks/results/).
 """
@@ -17,10 +19,10 @@ import os
 
 import torch
 
-from . import naive, triton_kernel
+from . import factored, naive, triton_kernel
 
 BACKEND_ENV = "SANA_WM_GDN_BACKEND"
-BACKENDS = ("auto", "naive", "triton")
+BACKENDS = ("auto", "naive", "factored", "triton")
 DEFAULT_BACKEND = "auto"
 
 
@@ -35,7 +37,7 @@ def frame_gated_delta_rule(
     reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See ``naive.frame_gated_delta_rule``."""
-    impl = triton_kernel if _use_kernel(q, k, v, beta, gamma, initial_state) else naive
+    impl = _implementation(q, k, v, beta, gamma, initial_state)
     return impl.frame_gated_delta_rule(q, k, v, beta, gamma, initial_state=initial_state, reverse=reverse)
 
 
@@ -49,16 +51,22 @@ def frame_gated_delta_bidirectional(
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See ``naive.frame_gated_delta_bidirectional``: forward scan from ``initial_state`` + exclusive reverse scan."""
-    impl = triton_kernel if _use_kernel(q, k, v, beta, gamma, initial_state) else naive
+    impl = _implementation(q, k, v, beta, gamma, initial_state)
     return impl.frame_gated_delta_bidirectional(q, k, v, beta, gamma, initial_state=initial_state)
 
 
-def _use_kernel(*tensors: torch.Tensor | None) -> bool:
+def _implementation(*tensors: torch.Tensor | None):
     choice = os.environ.get(BACKEND_ENV, DEFAULT_BACKEND)
     if choice not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}; got {choice!r}")
     if choice == "naive":
-        return False
+        return naive
+    if choice == "factored":
+        return factored
+    return triton_kernel if _use_kernel(choice, tensors) else naive
+
+
+def _use_kernel(choice: str, tensors) -> bool:
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if choice == "triton":
         if needs_grad:
