@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -44,18 +45,25 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="default: fp32 on CPU, bf16 on CUDA; fp8: bf16 with FP8 block linears (modelopt)")
     parser.add_argument("--chunk-frames", type=int, default=3, choices=[1, 2, 3], help="latent frames per chunk")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (GPU; slow first chunks)")
+    parser.add_argument("--threads", type=int, help="CPU threads of the model (default: torch's; serve on the CPU: all "
+                                                    "but one of the cores, which is left to video encoding and the network)")
 
 
-def engine_from_args(args: argparse.Namespace):
-    """Build the engine the flags ask for; every failure becomes a one-line ``CliError``."""
+def engine_from_args(args: argparse.Namespace, threads: int | None = None):
+    """Build the engine the flags ask for; every failure becomes a one-line ``CliError``. ``threads`` is the
+    default for ``--threads``."""
     from world_model.checkpoint import CheckpointError
     from world_model.engine import build_engine
     from world_model.engine_api import EngineError
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    threads = args.threads if args.threads is not None else threads
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be at least 1; got {threads}")
     try:
         return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder,
-                            chunk_frames=args.chunk_frames, compile=args.compile, random_weights=args.random_weights)
+                            chunk_frames=args.chunk_frames, compile=args.compile, random_weights=args.random_weights,
+                            threads=threads)
     except (CheckpointError, EngineError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
     except RuntimeError as exc:  # e.g. a CUDA device that is not there
@@ -135,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout, grace_period=args.grace_period, replay_ttl=ttl, max_replay_bytes=max_bytes,
         no_refiner=no_refiner,
     )
-    engine = engine_from_args(args)  # the one place the server reaches torch
+    engine = engine_from_args(args, threads=serve_threads(args.device))  # the one place the server reaches torch
     info = engine.info
     logger = logging.getLogger("stream_server")
     logger.info(
@@ -161,6 +169,17 @@ def retention_from_args(args: argparse.Namespace) -> tuple[float | None, int | N
     if args.max_replay_gb is not None and args.max_replay_gb <= 0:
         raise CliError("--max-replay-gb must be positive")
     return args.replay_ttl, None if args.max_replay_gb is None else int(args.max_replay_gb * 1e9)
+
+
+def serve_threads(device: str) -> int | None:
+    """The model's CPU threads when serving: on the CPU all but one of the cores this process may run on. The
+    server encodes every session's video and runs WebRTC on the same cores (and on a laptop the browser decodes
+    there too); a model that takes every core stalls whenever one of them is busy with that (benchmarks/README.md,
+    "CPU threads when serving"). None (torch's default) on a GPU."""
+    if device != "cpu":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def serve_no_refiner(args: argparse.Namespace) -> str | None:

@@ -79,6 +79,7 @@ class EngineConfig:
     rebase_after: int | None = None  # re-base RoPE time once a session reaches this latent frame
     compile: bool = False  # torch.compile each DiT block (GPU; the VAE decoder is never compiled)
     tf32: bool = True  # on CUDA, fp32 matmuls (the GDN state updates) on TF32 tensor cores
+    threads: int | None = None  # torch's CPU threads in this process (torch.set_num_threads); None: leave them
 
 
 @dataclass
@@ -439,6 +440,10 @@ def build_engine(model: str = "demo", checkpoint: str | None = None, device: str
         raise EngineError("random_weights and checkpoint exclude each other: random weights are for built-in presets")
     if checkpoint is None and model not in VAE_FOR:
         raise EngineError(f"unknown model {model!r}; built in: {', '.join(sorted(VAE_FOR))}")
+    if config.threads is not None:
+        if config.threads < 1:
+            raise EngineError(f"threads must be at least 1; got {config.threads}")
+        torch.set_num_threads(config.threads)
     torch_dtype = DTYPES[dtype]
     root = Path(checkpoint) if checkpoint is not None else None if config.random_weights else shipped_weights(model)
     if root is None:

@@ -134,6 +134,19 @@ def test_export_import_continues_bit_exactly(engine):
         other.import_session(b"garbage")
 
 
+def test_threads_set_torchs_cpu_threads_and_are_checked():
+    import torch
+
+    saved = torch.get_num_threads()
+    try:
+        build_engine("tiny", threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(EngineError, match="threads must be at least 1"):
+            build_engine("tiny", threads=0)
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_images_of_any_shape_are_resized_and_centre_cropped():
     wide = np.zeros((100, 400, 3), np.uint8)
     wide[:, 150:250] = 255  # a white band in the centre quarter

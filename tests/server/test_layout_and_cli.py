@@ -76,11 +76,21 @@ def test_protocol_accepts():
     assert protocol.parse_client_message('{"type": "ping", "t": 5}') == protocol.PingMessage(5.0)
 
 
-@pytest.mark.parametrize("args", [["--max-sessions", "0"], ["--port", "0"], ["--idle-timeout", "-1"], ["--grace-period", "0"]])
+@pytest.mark.parametrize("args", [["--max-sessions", "0"], ["--port", "0"], ["--idle-timeout", "-1"], ["--grace-period", "0"],
+                                  ["--threads", "0"]])
 def test_serve_refuses_bad_arguments_in_one_line(args, capsys):
     assert main(["serve", *args]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error" in err and "Traceback" not in err
+
+
+def test_serve_leaves_one_core_to_encoding_and_the_network(monkeypatch):
+    from stream_server.cli import serve_threads
+
+    for cores, threads in ((1, 1), (2, 1), (8, 7)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert serve_threads("cpu") == threads
+    assert serve_threads("cuda") is None and serve_threads("cuda:1") is None
 
 
 def test_serve_unknown_flag_is_one_line(capsys):
