@@ -4,6 +4,8 @@
 #   parity    the Triton GDN kernel and the CUDA engine path against the CPU reference (tests/gpu)
 #   variants  eager bf16 and FP8 at 1/4/8 sessions, each compared with the first's frames and latents
 #   compile   the same compiled (the engine warms up every chunk kind first: minutes)
+#   factored  the factored (batched-GEMM) GDN: its parity and timing against the reference and the kernel, then
+#             the engine with it, eager and compiled (profiled at 8 sessions)
 #   profile   one step of 4 sessions by model part and kernel family
 #   refiner   the release-size refiner on a 60 s recording (time, peak memory), eager; refiner-compile: compiled
 #   live      LIVE_SESSIONS (1) live sessions for LIVE_SECONDS (45), then as many more while the refiner works
@@ -30,11 +32,14 @@ for step in "$@"; do
               run fp8 200 $V fp8 ;;
     compile) run compile 420 $V compile
              run fp8-compile 420 $V fp8_compile ;;
+    factored) run parity-factored 120 python3 -m pytest -q -s tests/gpu/test_gated_delta_factored_cuda.py
+              run eager-factored 150 $V factored --profile
+              run compile-factored 420 $V compile_factored --profile ;;
     profile) run profile 120 python3 benchmarks/profile_engine.py --sessions 4 ;;
     refiner) run refiner 150 python3 benchmarks/refiner_gpu.py --seconds 60 --decode ;;
     refiner-compile) run refiner-compile 420 python3 benchmarks/refiner_gpu.py --seconds 60 --compile ;;
     live) run live 300 env PYTHON=python3 benchmarks/live_with_refiner.sh sana-wm-streaming cuda "${LIVE_SESSIONS:-1}" "${LIVE_SECONDS:-45}"
           cp /tmp/live-refiner-*/serve.log "$OUT/live-serve.log" 2>/dev/null ;;
-    *) echo "unknown step $step (parity variants compile profile refiner refiner-compile live)" >&2; exit 2 ;;
+    *) echo "unknown step $step (parity variants compile factored profile refiner refiner-compile live)" >&2; exit 2 ;;
   esac
 done
