@@ -32,7 +32,7 @@ for step in "$@"; do
               run fp8 200 $V fp8 ;;
     compile) run compile 420 $V compile
              run fp8-compile 420 $V fp8_compile ;;
-    factored) run parity-factored 120 python3 -m pytest -q -s tests/gpu/test_gated_delta_factored_cuda.py
+    factored) run parity-factored 180 python3 -m pytest -q -s tests/gpu/test_gated_delta_factored_cuda.py tests/gpu/test_gated_delta_triton_cuda.py -k "factored or timing or largest"
               run eager-factored 150 $V factored --profile
               run compile-factored 420 $V compile_factored --profile ;;
     profile) run profile 120 python3 benchmarks/profile_engine.py --sessions 4 ;;

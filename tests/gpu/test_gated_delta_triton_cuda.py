@@ -1,4 +1,5 @@
-"""The compiled Triton kernel of the frame-wise gated delta rule against the reference, on CUDA at the models' sizes.
+"""The compiled Triton kernel of the frame-wise gated delta rule against the reference, on CUDA at the models' sizes
+(the factored form's fp32 parity too: ``test_fp32_matches_reference``).
 
     python -m pytest -q -s tests/gpu/test_gated_delta_triton_cuda.py     (-s shows the timing table)
 
@@ -19,7 +20,7 @@ import torch
 from tests.conftest import rel_err
 from tests.ops.gdn_cases import _inputs as cpu_inputs
 from world_model.ops import gated_delta
-from world_model.ops.gated_delta import naive, triton_kernel
+from world_model.ops.gated_delta import factored, naive, triton_kernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 pytest.importorskip("triton")
@@ -74,12 +75,13 @@ def _check(actual, expected, tol):
 @pytest.mark.parametrize("precision", ["highest", "high"])
 @pytest.mark.parametrize("mode", ["forward", "reverse", "bidirectional"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_matches_reference(shape, mode, precision):
+@pytest.mark.parametrize("impl", [triton_kernel, factored], ids=["triton", "factored"])
+def test_fp32_matches_reference(impl, shape, mode, precision):
     x, state = _inputs(0, *shape)
     with _matmul_precision("highest"):
         expected = _run(naive, mode, x, state)
     with _matmul_precision(precision):
-        actual = _run(triton_kernel, mode, x, state)
+        actual = _run(impl, mode, x, state)
     _check(actual, expected, TOLERANCE[precision])
 
 

@@ -17,8 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.ops.gdn_cases import FP32_TOL, SHAPES, _check, _inputs, _rel, _state
-from tests.ops.test_gated_delta import _bad_cases
+from tests.ops.gdn_cases import FP32_TOL, _check, _inputs, _state
 from world_model.ops import gated_delta
 from world_model.ops.gated_delta import naive, triton_kernel
 
@@ -28,34 +27,8 @@ BF16_TOL = 2e-2
 
 
 # -----------------------------------------------------------------------------------------------------------------
-# Against the reference
+# Against the reference (the tests every implementation passes are in test_gated_delta_implementations.py)
 # -----------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("frames, tokens, dk, dv", SHAPES)
-@pytest.mark.parametrize("with_state", [False, True])
-def test_forward_matches_reference(frames, tokens, dk, dv, with_state):
-    x = _inputs(frames, frames=frames, tokens=tokens, dk=dk, dv=dv)
-    state = _state(1, 1, 2, dk, dv) if with_state else None
-    _check(triton_kernel.frame_gated_delta_rule(*x, initial_state=state),
-           naive.frame_gated_delta_rule(*x, initial_state=state), FP32_TOL)
-
-
-@pytest.mark.parametrize("frames, tokens, dk, dv", SHAPES)
-def test_reverse_matches_reference(frames, tokens, dk, dv):
-    x = _inputs(frames + 10, frames=frames, tokens=tokens, dk=dk, dv=dv)
-    out, final = triton_kernel.frame_gated_delta_rule(*x, reverse=True)
-    _check((out, final), naive.frame_gated_delta_rule(*x, reverse=True), FP32_TOL)
-    assert torch.count_nonzero(out[:, :, -1]) == 0  # the last frame has nothing after it
-
-
-@pytest.mark.parametrize("frames, tokens, dk, dv", SHAPES)
-@pytest.mark.parametrize("with_state", [False, True])
-def test_bidirectional_matches_reference(frames, tokens, dk, dv, with_state):
-    x = _inputs(frames + 20, frames=frames, tokens=tokens, dk=dk, dv=dv)
-    state = _state(2, 1, 2, dk, dv) if with_state else None
-    _check(triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state),
-           naive.frame_gated_delta_bidirectional(*x, initial_state=state), FP32_TOL)
-
 
 def test_several_token_tiles_with_a_partial_last_one(monkeypatch):
     """S = 40 over tiles of 16: two full tiles and one of 8, in every pass of every mode."""
@@ -85,21 +58,6 @@ def test_bf16_inputs(mode, dv):
     _check(actual, expected, BF16_TOL)
 
 
-def test_strided_inputs():
-    """Views as the model passes them: heads split by a transpose, a chunk sliced out of the frames."""
-    batch, heads, frames, tokens, dk, dv = 2, 2, 5, 24, 32, 32
-    q, k, v, beta, gamma = _inputs(50, batch=batch, heads=heads, frames=frames, tokens=tokens, dk=dk, dv=dv)
-    # (B, T, S, H, D) storage, seen as (B, H, T, S, D), then frames 1..3.
-    q, k, v = (t.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)[:, :, 1:4] for t in (q, k, v))
-    beta = beta.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)[:, :, 1:4]
-    gamma = gamma.transpose(1, 2).contiguous().transpose(1, 2)[:, :, 1:4]
-    state = _state(5, batch, heads, dk, dv).transpose(-1, -2).contiguous().transpose(-1, -2)
-    assert not q.is_contiguous() and not state.is_contiguous()
-    x = (q, k, v, beta, gamma)
-    _check(triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state),
-           naive.frame_gated_delta_bidirectional(*x, initial_state=state), FP32_TOL)
-
-
 def test_full_model_head_at_real_token_count():
     """One (batch, head) of the full model: S = 880 (a 40 x 22 latent), Dk = Dv = 112, a chunk of 3 frames."""
     x = _inputs(60, batch=1, heads=1, frames=3, tokens=880, dk=112, dv=112)
@@ -113,43 +71,12 @@ def test_full_model_head_at_real_token_count():
 # -----------------------------------------------------------------------------------------------------------------
 
 
-def test_streaming_equals_one_shot():
-    x = _inputs(70, frames=4)
-    one_out, one_final = triton_kernel.frame_gated_delta_rule(*x)
-    out_a, state = triton_kernel.frame_gated_delta_rule(*(t[:, :, :1] for t in x))
-    out_b, final = triton_kernel.frame_gated_delta_rule(*(t[:, :, 1:] for t in x), initial_state=state)
-    assert _rel(torch.cat([out_a, out_b], dim=2), one_out) < FP32_TOL
-    assert _rel(final, one_final) < FP32_TOL
-
-
 def test_batch_elements_are_independent():
     x = _inputs(71, batch=3)
     out, final = triton_kernel.frame_gated_delta_bidirectional(*x)
     for b in range(3):
         alone, alone_final = triton_kernel.frame_gated_delta_bidirectional(*(t[b : b + 1] for t in x))
         assert torch.equal(out[b : b + 1], alone) and torch.equal(final[b : b + 1], alone_final)
-
-
-def test_initial_state_is_not_modified():
-    x = _inputs(72)
-    state = _state(7, 1, 2, 48, 48)
-    copy = state.clone()
-    triton_kernel.frame_gated_delta_bidirectional(*x, initial_state=state)
-    assert torch.equal(state, copy)
-
-
-def test_zero_frames_pass_the_state_through():
-    x = _inputs(73, frames=0)
-    state = _state(8, 1, 2, 48, 48)
-    out, final = triton_kernel.frame_gated_delta_rule(*x, initial_state=state)
-    assert out.shape == (1, 2, 0, 40, 48) and torch.equal(final, state)
-
-
-@pytest.mark.parametrize("case", range(len(_bad_cases())))
-def test_bad_shapes_raise_as_the_reference_does(case):
-    message, args, kwargs = _bad_cases()[case]
-    with pytest.raises(ValueError, match=message):
-        triton_kernel.frame_gated_delta_rule(*args, **kwargs)
 
 
 # -----------------------------------------------------------------------------------------------------------------
