@@ -46,7 +46,11 @@ Policy, at each decision point while the engine is idle (``n`` sessions, ``est``
    group must deliver by ``min(leader deadline - margin, start of the next group - settle(size))`` and
    starts ``est(size)`` before that. A round costs ``est(b) + settle(b)`` per batch (step 1).
    The plan is the first group at that time (or now, if it is past); the loop waits until then (and
-   re-plans when a session joins or leaves).
+   re-plans when a session joins or leaves). A first group of a size whose ``est`` lies on the line
+   through other sizes' steady steps, none of its own counting (step 4), starts now: an extrapolated time
+   is no ground for waiting to the last moment (seen: the first step that paired two demo sessions on 2
+   CPU cores took 1.14-1.24 s against an ``est`` of 0.91-0.95 s, and was late). The sessions then hold
+   up to that wait more in their buffers, about what the late chunk would have cost in stall.
 4. ``est(b)`` (and likewise ``settle(b)``, from its own samples) is the cautious step time for a batch of
    ``b``: the moving average for that size times
    ``1 + 2 * dev``, ``dev`` being the moving average of the relative deviation of steps from their
@@ -67,13 +71,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+WARM_UP_CHUNKS = 2  # a step that holds one of a session's first this many chunks is no steady sample
+
 
 class StepTimeEstimator:
     """Step duration per batch size: a moving-average mean per measured size, one relative deviation.
 
     A size that is not chosen is not measured again, so a mean that one slow step spoiled could keep its size
-    out for good. Two rules keep the table honest. Steps that held a session's first chunk (one latent more,
-    the start image's encoding) are *warm-up* samples, kept apart: they are used only until any steady step
+    out for good. Two rules keep the table honest. Steps that held one of a session's first ``WARM_UP_CHUNKS``
+    chunks are *warm-up* samples: the first chunk has one latent more and the start image's encoding, and around
+    both the session's video encoder (and, on a laptop, its viewer's decoder) start up on the same cores (seen:
+    the second chunk's step of two demo sessions on 2 CPU cores took 1.83 s, the steady ones 0.6-0.7 s). They
+    are kept apart: they are used only until any steady step
     has been measured. And a size's mean goes *stale* once ``stale_after`` steady steps of other sizes have
     been measured since its own last one: it then counts only where it is below the line through the fresh
     sizes (as if unmeasured), so the scheduler tries it again when that line says it pays, and the new sample
@@ -86,7 +95,7 @@ class StepTimeEstimator:
         self.beta = beta  # weight of a new sample in the relative deviation
         self.stale_after = stale_after  # steady steps of other sizes after which a size's mean no longer counts
         self._mean: dict[int, float] = {}  # batch size -> moving average of its steady step seconds
-        self._warmup: dict[int, float] = {}  # the same for steps that held a first chunk
+        self._warmup: dict[int, float] = {}  # the same for steps that held a session's first chunks
         self._steady_count = 0  # steady samples recorded
         self._last_seen: dict[int, int] = {}  # batch size -> the steady count at its last sample
         self.deviation = 0.0  # moving average of |sample - mean| / mean, over all sizes
@@ -104,6 +113,11 @@ class StepTimeEstimator:
             return
         self.deviation += self.beta * (abs(seconds - mean) / mean - self.deviation)
         table[batch_size] = mean + self.alpha * (seconds - mean)
+
+    def extrapolated(self, batch_size: int) -> bool:
+        """Whether :meth:`mean` of ``batch_size`` comes from other sizes' steady steps, none of its own counting."""
+        fresh = [b for b in self._mean if not self._stale(b)]
+        return bool(fresh) and batch_size not in fresh
 
     def _stale(self, batch_size: int) -> bool:
         return self._steady_count - self._last_seen[batch_size] >= self.stale_after
@@ -151,6 +165,7 @@ class _Entry:
     ready_until: float  # wall time at which the session's buffer runs dry
     late_chunks: int = 0
     last_delivery: float | None = None
+    delivered: int = 0  # chunks delivered so far
     speed: float = 1.0  # EMA of chunk_seconds / (chunk_seconds + stall before it) (1.0 = real time)
 
 
@@ -241,6 +256,8 @@ class Scheduler:
         start = float("inf")  # the chain backwards: each group delivers by its leader's deadline - margin
         for leader, size in reversed(groups):
             start = min(deadlines[leader] - self.margin, start - self.settle_estimate(size)) - self.estimate(size)
+        if self.estimate.extrapolated(groups[0][1]):  # no waiting to the last moment on an extrapolated time
+            start = now
         return Plan(start_at=max(now, start), batch=tuple(waiting[:groups[0][1]]))
 
     def start(self, batch: tuple[str, ...]) -> None:
@@ -252,7 +269,7 @@ class Scheduler:
         """The step for ``batch`` delivered its chunks at ``now``; returns which sessions were late."""
         self._in_flight = ()
         self.last_step_seconds = now - started
-        steady = all(sid in self._entries and self._entries[sid].last_delivery is not None for sid in batch)
+        steady = all(sid in self._entries and self._entries[sid].delivered >= WARM_UP_CHUNKS for sid in batch)
         self.estimate.record(len(batch), now - started, steady=steady)
         late: dict[str, bool] = {}
         for sid in batch:
@@ -266,6 +283,7 @@ class Scheduler:
                 entry.speed += 0.3 * (self.chunk_seconds / (self.chunk_seconds + stall) - entry.speed)
             entry.ready_until = max(entry.ready_until, now) + self.chunk_seconds
             entry.last_delivery = now
+            entry.delivered += 1
         return late
 
     def settled(self, batch_size: int, seconds: float) -> None:

@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 
-from stream_server.scheduler import Scheduler, StepTimeEstimator
+from stream_server.scheduler import WARM_UP_CHUNKS, Scheduler, StepTimeEstimator
 from stream_server.simulation import simulate
 from stream_server.simulation import staggered as staggered_joins
 
@@ -132,6 +132,28 @@ def test_a_size_spoiled_by_one_slow_step_is_tried_again_once_its_mean_is_stale()
     assert sched.batch_cap() == 1
 
 
+def test_a_size_without_a_steady_step_starts_at_once():
+    """The first step that pairs two sessions has only an extrapolated estimate (singles measured at 0.75 s, too slow
+    for two in a chunk; a pair on the line at 1.125 s): it starts at once instead of just in time. Once a pair has been measured, and again
+    once that mean is stale, pairs are planned as before."""
+    estimator = StepTimeEstimator(0.5, stale_after=20)
+    for _ in range(5):
+        estimator.record(1, 0.75)
+    sched = Scheduler(chunk_seconds=CHUNK, max_batch=2, margin_seconds=MARGIN, estimator=estimator)
+    for sid in ("a", "b"):
+        sched.add(sid, 0.0, buffered_seconds=CHUNK)
+    assert sched.batch_cap() == 2 and estimator.extrapolated(2)
+    plan = sched.plan(0.0)
+    assert plan.batch == ("a", "b") and plan.start_at == 0.0  # just in time would have been 1.5 - 0.1 - 1.125
+    estimator.record(2, 1.0)
+    assert not estimator.extrapolated(2)
+    plan = sched.plan(0.0)
+    assert plan.start_at == pytest.approx(CHUNK - MARGIN - estimator(2)) and plan.start_at > 0.0
+    for _ in range(20):
+        estimator.record(1, 0.75)
+    assert estimator.extrapolated(2) and sched.plan(0.0).start_at == 0.0
+
+
 def test_max_busy_leaves_room_beside_the_engine():
     """With ``max_busy`` < 1 the cap keeps part of every chunk free for the work beside the engine (encoding,
     a refiner): two sessions on a fixed-cost engine share steps instead of filling the chunk with singles."""
@@ -161,9 +183,25 @@ def test_new_session_starts_at_once_then_just_in_time():
     sched.finish(plan.batch, started=10.0, now=10.3)
     assert sched.buffered_seconds("a", 10.3) == pytest.approx(CHUNK)
     plan = sched.plan(10.3)
-    # The next chunk starts as late as possible: buffer end - estimated step time - margin.
+    # The next chunk starts as late as possible: buffer end - estimated step time - margin (from the warm-up
+    # sample: nothing steady is measured, so nothing is extrapolated).
     assert plan.start_at == pytest.approx(10.3 + CHUNK - sched.estimate(1) - MARGIN)
     assert plan.start_at > 10.3 + 0.5 * CHUNK
+
+
+def test_the_first_chunks_are_warm_up_samples():
+    """Steps holding a session's first two chunks do not count as steady: a slow second one (a viewer starting
+    up on the same cores) does not become the batch size's mean."""
+    assert WARM_UP_CHUNKS == 2
+    estimator = StepTimeEstimator(0.5)
+    sched = Scheduler(chunk_seconds=CHUNK, max_batch=2, margin_seconds=MARGIN, estimator=estimator)
+    sched.add("a", now=0.0)
+    now = 0.0
+    for seconds in (1.0, 2.0, 0.4):  # the first chunk, the second under a starting viewer, a steady one
+        sched.start(("a",))
+        sched.finish(("a",), started=now, now=now + seconds)
+        now += seconds
+    assert estimator.mean(1) == pytest.approx(0.4)  # the steady sample alone; the warm-up ones are kept apart
 
 
 def test_steady_single_session_never_stalls_and_waits_half_a_chunk():
