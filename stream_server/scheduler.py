@@ -49,8 +49,8 @@ Policy, at each decision point while the engine is idle (``n`` sessions, ``est``
    re-plans when a session joins or leaves). A first group of a size whose ``est`` lies on the line
    through other sizes' steady steps, none of its own counting (step 4), starts now: an extrapolated time
    is no ground for waiting to the last moment (seen: the first step that paired two demo sessions on 2
-   CPU cores took 1.14-1.24 s against an ``est`` of 0.91-0.95 s, and was late). The sessions then hold
-   up to that wait more in their buffers, about what the late chunk would have cost in stall.
+   CPU cores took 1.14-1.24 s against an ``est`` of 0.91-0.95 s, and was late). That chunk's input is
+   then up to the wait older when it plays; a stall would have moved every later deadline instead.
 4. ``est(b)`` (and likewise ``settle(b)``, from its own samples) is the cautious step time for a batch of
    ``b``: the moving average for that size times
    ``1 + 2 * dev``, ``dev`` being the moving average of the relative deviation of steps from their
