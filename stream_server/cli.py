@@ -57,9 +57,7 @@ def engine_from_args(args: argparse.Namespace, threads: int | None = None):
     from world_model.engine_api import EngineError
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
-    threads = args.threads if args.threads is not None else threads
-    if threads is not None and threads < 1:
-        raise CliError(f"--threads must be at least 1; got {threads}")
+    threads = args.threads if args.threads is not None else threads  # checked by build_engine
     try:
         return build_engine(args.model, args.checkpoint, device=args.device, dtype=dtype, text_encoder=args.text_encoder,
                             chunk_frames=args.chunk_frames, compile=args.compile, random_weights=args.random_weights,

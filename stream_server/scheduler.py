@@ -124,8 +124,12 @@ class StepTimeEstimator:
 
     def extrapolated(self, batch_size: int) -> bool:
         """Whether :meth:`mean` of ``batch_size`` comes from other sizes' steady steps, none of its own counting."""
-        fresh = [b for b in self._mean if not self._stale(b)]
+        fresh = self._fresh()
         return bool(fresh) and batch_size not in fresh
+
+    def _fresh(self) -> dict[int, float]:
+        """The steady means that count: those of sizes not stale."""
+        return {b: m for b, m in self._mean.items() if not self._stale(b)}
 
     def _stale(self, batch_size: int) -> bool:
         return self._steady_count - self._last_seen[batch_size] >= self.stale_after
@@ -133,8 +137,7 @@ class StepTimeEstimator:
     def mean(self, batch_size: int) -> float:
         """The expected step time: measured, or on the line through the nearest measured sizes; a stale size's
         mean counts only where it is below that line (so that staleness makes a size worth a retry, never worse)."""
-        fresh = {b: m for b, m in self._mean.items() if not self._stale(b)}
-        table = fresh or self._warmup
+        table = self._fresh() or self._warmup
         if not table:
             return self.prior_seconds
         if batch_size in table:
@@ -173,7 +176,6 @@ class _Entry:
     order: int  # join order, breaks deadline ties
     ready_until: float  # wall time at which the session's buffer runs dry
     late_chunks: int = 0
-    last_delivery: float | None = None
     delivered: int = 0  # chunks delivered so far
     speed: float = 1.0  # EMA of chunk_seconds / (chunk_seconds + stall before it) (1.0 = real time)
 
@@ -285,13 +287,12 @@ class Scheduler:
             entry = self._entries.get(sid)
             if entry is None:  # removed while its step ran
                 continue
-            late[sid] = now > entry.ready_until and entry.last_delivery is not None  # the first is due at once
+            late[sid] = now > entry.ready_until and entry.delivered > 0  # the first is due at once
             entry.late_chunks += late[sid]
-            if entry.last_delivery is not None:  # a chunk played over its own length plus the stall before it
+            if entry.delivered > 0:  # a chunk played over its own length plus the stall before it
                 stall = max(now - entry.ready_until, 0.0)
                 entry.speed += 0.3 * (self.chunk_seconds / (self.chunk_seconds + stall) - entry.speed)
             entry.ready_until = max(entry.ready_until, now) + self.chunk_seconds
-            entry.last_delivery = now
             entry.delivered += 1
         return late
 
